@@ -1,0 +1,18 @@
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def plan(search_space: dict, manifest: Input[Dataset], mask_model_uri: str = "") -> List[dict]:
+    """Validate the search space against the ingested data before any GPU time is spent, and list
+    the data variants (pixels x mask) that preprocessing and pretraining must prepare."""
+    import logging
+
+    from neumo import stages
+
+    logging.basicConfig(level=logging.INFO)
+    return stages.plan(search_space, manifest.path, mask_model_uri)

@@ -1,0 +1,26 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def preprocess(
+    manifest: Input[Dataset],
+    masks: Input[Dataset],
+    variant: dict,
+    data: Output[Dataset],
+    clahe_clip: float = 0.0,
+    workers: int = 0,
+):
+    """The seed's preprocessing for one (pixels, mask) variant: lung mask applied when asked, grey,
+    resize, CLAHE (clip 0 = OpenCV's default), stored as uint8 shards per fold; the z-score is
+    applied when training reads them."""
+    import logging
+
+    from neumo import stages
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    info = stages.preprocess(manifest.path, variant, data.path, masks.path, clahe_clip or None, workers)
+    data.metadata.update({"pixels": info["pixels"], "mask": info["mask"], "data_version": info["data_version"],
+                          "images": sum(info["counts"].values())})

@@ -1,0 +1,105 @@
+"""Classification metrics, the decision-threshold rule and bootstrap intervals (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(targets).astype(np.int64).ravel()
+    p = np.asarray(probs, np.float64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"targets and probabilities differ in length: {t.shape} vs {p.shape}")
+    if t.size and not np.isin(t, (0, 1)).all():
+        raise ValueError("targets must be 0 or 1")
+    return t, p
+
+
+def auc(targets, probs) -> float:
+    """ROC AUC by the rank (Mann-Whitney) statistic, ties counted half; NaN with one class only."""
+    t, p = _check(targets, probs)
+    pos, neg = int(t.sum()), int(t.size - t.sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(p.size, np.float64)
+    sorted_p = p[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_p, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[t == 1].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def roc_curve(targets, probs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) at every distinct score, highest threshold first (no `inf`)."""
+    t, p = _check(targets, probs)
+    thresholds = np.unique(p)[::-1]
+    pos, neg = max(int(t.sum()), 1), max(int(t.size - t.sum()), 1)
+    tpr = np.array([np.sum((p >= th) & (t == 1)) / pos for th in thresholds])
+    fpr = np.array([np.sum((p >= th) & (t == 0)) / neg for th in thresholds])
+    return fpr, tpr, thresholds
+
+
+def youden_threshold(targets, probs) -> float:
+    """The threshold maximising Youden's J = sensitivity + specificity - 1 (0.5 if undefined).
+
+    Chosen on the validation fold only; among equal J the higher threshold wins (fewer false
+    positives: specificity is where pneumonia models fail).
+    """
+    t, p = _check(targets, probs)
+    if t.size == 0 or t.min() == t.max():
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(t, p)
+    j = tpr - fpr
+    return float(thresholds[int(np.argmax(j))])
+
+
+def confusion(targets, probs, threshold: float) -> dict[str, int]:
+    t, p = _check(targets, probs)
+    pred = p >= threshold
+    return {
+        "tn": int(np.sum(~pred & (t == 0))), "fp": int(np.sum(pred & (t == 0))),
+        "fn": int(np.sum(~pred & (t == 1))), "tp": int(np.sum(pred & (t == 1))),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def metrics(targets, probs, threshold: float = 0.5) -> dict:
+    """loss (binary cross-entropy), accuracy, AUC, sensitivity, specificity, precision, F1, confusion."""
+    t, p = _check(targets, probs)
+    c = confusion(t, p, threshold)
+    eps = 1e-7
+    pc = np.clip(p, eps, 1 - eps)
+    loss = float(-np.mean(t * np.log(pc) + (1 - t) * np.log(1 - pc))) if t.size else float("nan")
+    precision = _ratio(c["tp"], c["tp"] + c["fp"])
+    sensitivity = _ratio(c["tp"], c["tp"] + c["fn"])
+    f1 = _ratio(2 * precision * sensitivity, precision + sensitivity) if not np.isnan(precision + sensitivity) else float("nan")
+    return {
+        "n": int(t.size), "loss": loss, "accuracy": _ratio(c["tp"] + c["tn"], t.size),
+        "auc": auc(t, p), "sensitivity": sensitivity, "specificity": _ratio(c["tn"], c["tn"] + c["fp"]),
+        "precision": precision, "f1": f1, "threshold": float(threshold), **c,
+    }
+
+
+def bootstrap(targets, probs, threshold: float, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals (resampling images) for every metric of `metrics`."""
+    t, p = _check(targets, probs)
+    rng = np.random.default_rng(seed)
+    names = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "loss")
+    draws = {k: [] for k in names}
+    for _ in range(n if t.size else 0):
+        idx = rng.integers(0, t.size, t.size)
+        m = metrics(t[idx], p[idx], threshold)
+        for k in names:
+            draws[k].append(m[k])
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for k, v in draws.items():
+        v = np.asarray(v, np.float64)
+        v = v[~np.isnan(v)]
+        out[k] = (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if v.size else (float("nan"), float("nan"))
+    return out

@@ -1,0 +1,327 @@
+"""Pure array functions: decoding, the seed's preprocessing chain and the lung-mask helpers.
+
+The research group's chain (the "seed"), reproduced here given the same decoded image::
+
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    img = cv2.resize(img, (pixels, pixels))          # INTER_LINEAR
+    img = np.expand_dims(img, axis=-1)
+    img = cv2.createCLAHE(clipLimit=...).apply(img)  # tile 8x8, default clip 40.0
+    img = (img - np.mean(img)) / np.std(img)
+
+The pipeline stores the uint8 image after CLAHE (:func:`prepare_uint8`) and applies the
+z-score when the data is read (:func:`zscore` / :func:`zscore_tf`); :func:`prepare` is both
+steps at once. Nothing here touches files: bytes in, arrays out.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "CLAHE_CLIPS",
+    "ImageError",
+    "apply_mask",
+    "clahe_limit",
+    "decode",
+    "mask_input",
+    "mask_qa",
+    "postprocess_mask",
+    "prepare",
+    "prepare_uint8",
+    "read_grey",
+    "to_grey",
+    "zscore",
+    "zscore_tf",
+]
+
+#: The CLAHE clip limits the research group used: OpenCV's default (None), 2.0 and 20.0.
+CLAHE_CLIPS = (None, 2.0, 20.0)
+#: OpenCV's default CLAHE clip limit (``cv2.createCLAHE()``), used for ``clip=None``.
+OPENCV_DEFAULT_CLIP = 40.0
+#: CLAHE tile grid, OpenCV's default and the seed's.
+CLAHE_TILES = (8, 8)
+
+#: Mask QA thresholds on the lung fraction of the image.
+MIN_LUNG_FRACTION = 0.05
+MAX_LUNG_FRACTION = 0.7
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# IMREAD_UNCHANGED keeps alpha and 16 bits but ignores the EXIF orientation that cv2.imread
+# (IMREAD_COLOR) applies; ANYCOLOR|ANYDEPTH applies it and keeps grey/colour and depth.
+_FLAGS_ORIENTED = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
+
+
+class ImageError(ValueError):
+    """The bytes or array are not an image this pipeline can use (the message says why)."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_pixels(pixels: object) -> int:
+    """Return ``pixels`` as int: a positive integer (bool and non-integers rejected)."""
+    if isinstance(pixels, bool) or not isinstance(pixels, numbers.Integral):
+        raise ValueError(f"pixels must be a positive integer, got {pixels!r}")
+    value = int(pixels)
+    if value <= 0:
+        raise ValueError(f"pixels must be a positive integer, got {value}")
+    return value
+
+
+def clahe_limit(clip: float | None) -> float:
+    """OpenCV clip limit (float) for a seed CLAHE clip: None -> 40.0 (OpenCV's default), 2.0, 20.0."""
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real)):
+        raise ValueError(f"CLAHE clip must be one of {CLAHE_CLIPS}, got {clip!r}")
+    if clip not in CLAHE_CLIPS:
+        raise ValueError(f"CLAHE clip must be one of {CLAHE_CLIPS} (None = OpenCV default "
+                         f"{OPENCV_DEFAULT_CLIP}), got {clip!r}")
+    return OPENCV_DEFAULT_CLIP if clip is None else float(clip)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode_flags(buf: bytes | bytearray | memoryview) -> int:
+    """IMREAD_UNCHANGED for PNGs without EXIF (alpha and 16 bits kept), else orientation-aware."""
+    head = bytes(buf[:8])
+    if head == _PNG_SIGNATURE and b"eXIf" not in bytes(buf[:1 << 16]):
+        return cv2.IMREAD_UNCHANGED
+    return _FLAGS_ORIENTED
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Image bytes -> uint8 (H,W) grey, (H,W,3) BGR or (H,W,4) BGRA, pixels as cv2.imread sees them.
+
+    16-bit images become 8-bit as round(v / 257); palette PNGs are expanded to BGR(A).
+    EXIF orientation is applied as ``cv2.imread`` does (for such files alpha is dropped,
+    which does not change the grey image). Raises :class:`ImageError` for empty,
+    truncated, undecodable or unsupported (float, signed) images.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"decode expects bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageError("empty image data (0 bytes)")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        image = cv2.imdecode(buf, _decode_flags(data))
+    except cv2.error as exc:  # OpenCV raises for some malformed inputs instead of returning None
+        raise ImageError(f"OpenCV could not decode {len(data)} bytes: {exc}") from exc
+    if image is None or image.size == 0:
+        raise ImageError(f"undecodable image data ({len(data)} bytes, starts with "
+                         f"{bytes(data[:8])!r}): not an image OpenCV can read, or truncated")
+    if image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ImageError(f"unsupported pixel type {image.dtype} (only 8- and 16-bit unsigned "
+                         "images are supported)")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] not in (3, 4):
+        raise ImageError(f"unsupported channel count {image.shape[2]}")
+    return np.ascontiguousarray(image)
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """uint8 (H,W), (H,W,1), (H,W,3) BGR or (H,W,4) BGRA -> uint8 (H,W) grey, via cv2.cvtColor."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"to_grey expects a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ImageError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.size == 0:
+        raise ImageError(f"empty image array, shape {image.shape}")
+    if image.ndim == 2:
+        return image
+    if image.ndim != 3:
+        raise ImageError(f"expected (H,W) or (H,W,C) image, got shape {image.shape}")
+    channels = image.shape[2]
+    if channels == 1:
+        return image[:, :, 0]
+    if channels == 2:  # grey + alpha
+        return np.ascontiguousarray(image[:, :, 0])
+    if channels == 3:
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2GRAY)
+    if channels == 4:
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGRA2GRAY)
+    raise ImageError(f"unsupported channel count {channels} (expected 1, 3 or 4)")
+
+
+def read_grey(data: bytes) -> np.ndarray:
+    """Image bytes -> uint8 (H,W) grey; equals cv2.cvtColor(cv2.imread(path), COLOR_BGR2GRAY) for 8-bit files."""
+    return to_grey(decode(data))
+
+
+# --------------------------------------------------------------------------- seed chain
+
+
+def prepare_uint8(image: np.ndarray, pixels: int, clahe_clip: float | None = None) -> np.ndarray:
+    """Decoded image (grey/BGR/BGRA uint8) -> uint8 (pixels,pixels): grey, resize (INTER_LINEAR), CLAHE 8x8."""
+    size = _check_pixels(pixels)
+    limit = clahe_limit(clahe_clip)
+    grey = to_grey(image)
+    resized = cv2.resize(grey, (size, size), interpolation=cv2.INTER_LINEAR)
+    clahe = cv2.createCLAHE(clipLimit=limit, tileGridSize=CLAHE_TILES)
+    return clahe.apply(resized)
+
+
+def _zscore_one(image: np.ndarray) -> np.ndarray:
+    """One image (any shape) -> float64 z-score exactly as the seed computes it; zeros if constant."""
+    mean = np.mean(image)
+    std = np.std(image)
+    if not np.isfinite(std) or std <= 0:
+        return np.zeros(image.shape, dtype=np.float64)
+    return (image - mean) / std
+
+
+def _as_image_stack(x: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Normalise to (N,p,p); return the stack and whether the input was a single image."""
+    if x.ndim == 2:
+        return x[None], True
+    if x.ndim == 3 and x.shape[-1] == 1:  # (p,p,1): one image with a channel axis
+        return x[None, :, :, 0], True
+    if x.ndim == 3:
+        return x, False
+    if x.ndim == 4 and x.shape[-1] == 1:
+        return x[..., 0], False
+    raise ValueError(f"expected (p,p), (p,p,1), (N,p,p) or (N,p,p,1), got shape {x.shape}")
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """uint8 (p,p) or (N,p,p) -> float32 (p,p,1) or (N,p,p,1), per-image (x-mean)/std in float64; constant -> 0.
+
+    A (p,p,1) or (N,p,p,1) input is accepted too (the channel axis is not doubled).
+    """
+    arr = np.asarray(x)
+    if arr.size == 0:
+        raise ValueError(f"cannot z-score an empty array of shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"expected a numeric image array, got dtype {arr.dtype}")
+    stack, single = _as_image_stack(arr)
+    out = np.empty(stack.shape + (1,), dtype=np.float32)
+    for i in range(stack.shape[0]):  # per image, exactly numpy's float64 computation
+        out[i, :, :, 0] = _zscore_one(np.ascontiguousarray(stack[i]))
+    return out[0] if single else out
+
+
+def zscore_tf(x):
+    """tf uint8 (p,p)/(N,p,p) (or with trailing 1) -> tf.float32 (p,p,1)/(N,p,p,1); tf ops only, matches zscore."""
+    import tensorflow as tf  # lazy: the rest of this module does not need TensorFlow
+
+    t = tf.convert_to_tensor(x)
+    rank = t.shape.rank
+    if rank is None:
+        raise ValueError("zscore_tf needs a tensor of known rank (2, 3 or 4)")
+    last = t.shape[-1] if rank else None
+    if rank == 4 and last in (1, None) or rank == 3 and last == 1:
+        t = tf.squeeze(t, axis=-1)  # drop the channel axis; it is added back at the end
+    elif rank not in (2, 3):
+        raise ValueError(f"expected (p,p), (p,p,1), (N,p,p) or (N,p,p,1), got shape {t.shape}")
+    xf = tf.cast(t, tf.float64)
+    mean = tf.reduce_mean(xf, axis=[-2, -1], keepdims=True)
+    centred = xf - mean
+    std = tf.sqrt(tf.reduce_mean(tf.square(centred), axis=[-2, -1], keepdims=True))
+    ok = std > 0.0
+    safe_std = tf.where(ok, std, tf.ones_like(std))
+    out = tf.where(ok, centred / safe_std, tf.zeros_like(centred))
+    return tf.expand_dims(tf.cast(out, tf.float32), axis=-1)
+
+
+def prepare(image: np.ndarray, pixels: int, clahe_clip: float | None = None) -> np.ndarray:
+    """Decoded image (grey/BGR/BGRA uint8) -> float32 (pixels,pixels,1): the seed chain, z-scored."""
+    return zscore(prepare_uint8(image, pixels, clahe_clip))
+
+
+# --------------------------------------------------------------------------- lung masks
+
+
+def mask_input(image: np.ndarray, pixels: int = 256) -> np.ndarray:
+    """Decoded image -> float32 (pixels,pixels,1) in [0,1]: grey, resize (INTER_LINEAR), /255 (mask model)."""
+    size = _check_pixels(pixels)
+    grey = to_grey(image)
+    resized = cv2.resize(grey, (size, size), interpolation=cv2.INTER_LINEAR)
+    return (resized.astype(np.float32) / np.float32(255.0))[:, :, None]
+
+
+def _check_shape(shape: object) -> tuple[int, int]:
+    """(height, width) of positive integers, else ValueError."""
+    try:
+        height, width = shape  # type: ignore[misc]
+        return _check_pixels(height), _check_pixels(width)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be (height, width) of positive integers, got {shape!r}") from None
+
+
+def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """8-connected components of a bool (H,W) mask: (count, labels, areas indexed by label-1)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    return count - 1, labels, stats[1:, cv2.CC_STAT_AREA]
+
+
+def postprocess_mask(prob: np.ndarray, shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+    """Probabilities (h,w)/(h,w,1) in [0,1] -> bool shape=(H,W): resized, > threshold, filled, 2 largest parts.
+
+    The probabilities are resized with cv2.resize (INTER_LINEAR), thresholded (strictly
+    greater), holes are filled (scipy.ndimage.binary_fill_holes) and only the two largest
+    8-connected components (the lungs) are kept; fewer components are kept as they are.
+    """
+    height, width = _check_shape(shape)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+            or not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    arr = np.asarray(prob)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"prob must be (h,w) or (h,w,1), got shape {np.shape(prob)}")
+    resized = cv2.resize(arr.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    binary = ndimage.binary_fill_holes(resized > threshold)
+    count, labels, areas = _components(binary)
+    if count <= 2:
+        return binary
+    keep = np.argsort(-areas, kind="stable")[:2] + 1  # labels of the two largest components
+    lut = np.zeros(count + 1, dtype=bool)
+    lut[keep] = True
+    return lut[labels]
+
+
+def apply_mask(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """uint8 (H,W) grey, (H,W) mask -> uint8 (H,W): the seed's (grey/255*mask)*255: 0 outside, same inside."""
+    grey = np.asarray(grey)
+    mask = np.asarray(mask)
+    if grey.dtype != np.uint8 or grey.ndim != 2:
+        raise ValueError(f"grey must be a uint8 (H,W) image, got {grey.dtype} {grey.shape}")
+    if mask.shape != grey.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {grey.shape}")
+    binary = mask if mask.dtype == np.bool_ else mask > 0
+    # (grey/255 * m) * 255 rounded is exactly grey where m=1 and 0 where m=0.
+    return np.where(binary, grey, np.uint8(0))
+
+
+def mask_qa(mask: np.ndarray) -> dict:
+    """(H,W) mask (bool or >0) -> {"lung_fraction": float, "components": int, "flags": list[str]}.
+
+    Flags (every one that holds): "empty" (no lung pixel), "implausible_area" (fraction
+    < 0.05 or > 0.7), "components" (8-connected components != 2).
+    """
+    arr = np.asarray(mask)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2:
+        raise ValueError(f"mask must be (H,W), got shape {np.shape(mask)}")
+    binary = arr if arr.dtype == np.bool_ else arr > 0
+    total = binary.size
+    lung = int(np.count_nonzero(binary))
+    fraction = lung / total if total else 0.0
+    count = _components(binary)[0] if lung else 0
+    flags = []
+    if lung == 0:
+        flags.append("empty")
+    if fraction < MIN_LUNG_FRACTION or fraction > MAX_LUNG_FRACTION:
+        flags.append("implausible_area")
+    if count != 2:
+        flags.append("components")
+    return {"lung_fraction": float(fraction), "components": int(count), "flags": flags}

@@ -1,0 +1,155 @@
+"""Keras 3 functional models built from small named blocks.
+
+One U-Net builder serves the autoencoder (pretraining) and the lung-mask model; one classifier
+builder wraps the pretrained encoder (the backbone) with head 1 (squeeze-and-excitation on three
+encoder taps) or head 2 (the three taps global-max-pooled). Layers are named hierarchically
+(`enc2_conv1`, `tap1_se_excite`) so taps are found by name, never by index.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+from keras import layers
+
+logger = logging.getLogger(__name__)
+
+
+def tap_names(depth: int) -> tuple[str, str, str]:
+    """The three encoder layers a classifier reads, deepest last.
+
+    The two deepest encoder blocks and the bottleneck: the seed's "layers 11 and 15" plus the
+    backbone output, named instead of counted.
+    """
+    if depth < 2:
+        raise ValueError(f"depth must be >= 2 to have three encoder taps, got {depth}")
+    return (f"enc{depth - 1}_conv2", f"enc{depth}_conv2", "bottleneck_conv2")
+
+
+def check_pixels(pixels: int, depth: int) -> None:
+    """Raise ValueError unless `pixels` is a positive multiple of the U-Net's 2**depth."""
+    factor = 2**depth
+    if not isinstance(pixels, int) or pixels <= 0 or pixels % factor:
+        raise ValueError(f"pixels must be a positive multiple of 2**depth={factor}, got {pixels!r}")
+
+
+def conv_block(x, filters: int, name: str):
+    """Two 3x3 convolutions, each followed by batch normalisation and ReLU."""
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}_raw")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.Activation("relu", name=f"{name}_conv{i}")(x)
+    return x
+
+
+def down_block(x, filters: int, name: str):
+    """conv_block, then 2x2 max-pool; returns (pooled, features before pooling)."""
+    features = conv_block(x, filters, name)
+    return layers.MaxPooling2D(2, name=f"{name}_pool")(features), features
+
+
+def up_block(x, skip, filters: int, name: str):
+    """2x transposed-conv upsampling, concatenation with the skip (if any), conv_block."""
+    x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"{name}_up")(x)
+    if skip is not None:
+        x = layers.Concatenate(name=f"{name}_concat")([x, skip])
+    return conv_block(x, filters, name)
+
+
+def build_unet(
+    pixels: int,
+    depth: int = 4,
+    filters: int = 16,
+    output: str = "linear",
+    skip_levels: int = 0,
+    name: str = "unet",
+) -> keras.Model:
+    """U-Net on (pixels, pixels, 1) inputs.
+
+    `output` is "linear" for the autoencoder (z-scored image out) or "sigmoid" for a mask.
+    `skip_levels` drops the skip connections of the shallowest levels (1 = the top one), so a
+    pretraining task cannot copy the image through them and leave the deep encoder untrained.
+    Encoder blocks are `enc1` .. `enc{depth}` (filters doubling), then `bottleneck`.
+    """
+    check_pixels(pixels, depth)
+    if output not in ("linear", "sigmoid"):
+        raise ValueError(f"output must be 'linear' or 'sigmoid', got {output!r}")
+    if not 0 <= skip_levels <= depth:
+        raise ValueError(f"skip_levels must be in 0..{depth}, got {skip_levels}")
+    inputs = keras.Input((pixels, pixels, 1), name="image")
+    x, skips = inputs, []
+    for level in range(1, depth + 1):
+        x, features = down_block(x, filters * 2 ** (level - 1), f"enc{level}")
+        skips.append(features)
+    x = conv_block(x, filters * 2**depth, "bottleneck")
+    for level in range(depth, 0, -1):
+        skip = skips[level - 1] if level > skip_levels else None
+        x = up_block(x, skip, filters * 2 ** (level - 1), f"dec{level}")
+    outputs = layers.Conv2D(1, 1, activation=output, name="output", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def unet_depth(model: keras.Model) -> int:
+    """The depth of a U-Net built by build_unet, read from its layer names."""
+    return sum(1 for layer in model.layers if layer.name.endswith("_pool") and layer.name.startswith("enc"))
+
+
+def build_backbone(unet: keras.Model) -> keras.Model:
+    """The U-Net's encoder as a model with the three tap outputs (shallowest first)."""
+    names = tap_names(unet_depth(unet))
+    try:
+        outputs = [unet.get_layer(n).output for n in names]
+    except ValueError as err:
+        raise ValueError(f"the pretrained model has no encoder layers named {names}: {err}") from err
+    return keras.Model(unet.input, outputs, name="backbone")
+
+
+def freeze(backbone: keras.Model, frozen_layers: int) -> int:
+    """Freeze the first `frozen_layers` weighted layers of the backbone; returns how many exist."""
+    weighted = [layer for layer in backbone.layers if layer.weights]
+    if not 0 <= frozen_layers <= len(weighted):
+        raise ValueError(f"frozen_layers must be in 0..{len(weighted)} for this backbone, got {frozen_layers}")
+    for i, layer in enumerate(weighted):
+        layer.trainable = i >= frozen_layers
+    return len(weighted)
+
+
+def se_block(x, ratio: int, name: str):
+    """Squeeze-and-excitation channel attention: scale each channel by a learnt gate."""
+    channels = x.shape[-1]
+    s = layers.GlobalAveragePooling2D(name=f"{name}_squeeze")(x)
+    s = layers.Dense(max(channels // ratio, 4), activation="relu", name=f"{name}_reduce")(s)
+    s = layers.Dense(channels, activation="sigmoid", name=f"{name}_excite")(s)
+    s = layers.Reshape((1, 1, channels), name=f"{name}_gate")(s)
+    return layers.Multiply(name=f"{name}_scale")([x, s])
+
+
+def attention_head(x, filters: int, name: str):
+    """Head 1 on one tap: conv -> squeeze-and-excitation -> max-pool -> global max-pool -> dense 128."""
+    x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"{name}_conv")(x)
+    x = se_block(x, ratio=8, name=f"{name}_se")
+    x = layers.MaxPooling2D(2, padding="same", name=f"{name}_pool")(x)
+    x = layers.GlobalMaxPooling2D(name=f"{name}_gmp")(x)
+    return layers.Dense(128, activation="relu", name=f"{name}_dense")(x)
+
+
+def build_classifier(backbone: keras.Model, model: int = 1, dropout: float = 0.3) -> keras.Model:
+    """Pneumonia classifier on a backbone with three tap outputs; sigmoid probability out.
+
+    model 1: attention_head on each tap, concatenated, dense 64, dropout, dense 1.
+    model 2: each tap global-max-pooled, concatenated, dropout, dense 1 (no attention).
+    """
+    if model not in (1, 2):
+        raise ValueError(f"model must be 1 or 2, got {model!r}")
+    taps = backbone(backbone.input)
+    if model == 1:
+        feats = [attention_head(t, t.shape[-1], f"tap{i}") for i, t in enumerate(taps, 1)]
+    else:
+        feats = [layers.GlobalMaxPooling2D(name=f"tap{i}_gmp")(t) for i, t in enumerate(taps, 1)]
+    x = layers.Concatenate(name="taps_concat")(feats)
+    if model == 1:
+        x = layers.Dense(64, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    out = layers.Dense(1, activation="sigmoid", name="pneumonia", dtype="float32")(x)
+    return keras.Model(backbone.input, out, name=f"classifier{model}")

@@ -1,0 +1,139 @@
+"""The seed's two result CSVs and the HTML report (shared/neumo/results.py)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from neumo import results
+from neumo.results import EVAL_COLUMNS, TRAIN_COLUMNS, append_rows, read_rows, write_report
+
+
+def _train_row(trial: int, score=0.9, **extra) -> dict:
+    row = {"run_id": "run-1", "round": trial // 4, "trial": trial, "status": "ok", "pixels": 256,
+           "mask": trial % 2 == 0, "model": 1 + trial % 2, "frozen_layers": 4 * (trial % 3),
+           "learning_rate": 10 ** (-5 + trial % 4), "loss": ["bce", "focal", "weighted_bce"][trial % 3],
+           "augmentation": ["none", "light", "strong"][trial % 3], "class_weight": trial % 2 == 1,
+           "epochs": 10, "val_auc": score, "score": score, "model_uri": f"/models/t{trial}.keras"}
+    row.update(extra)
+    return row
+
+
+def _eval_rows(trial: int) -> list[dict]:
+    return [{"run_id": "run-1", "round": trial // 4, "trial": trial, "model_uri": f"/models/t{trial}.keras",
+             "split": split, "n": n, "auc": 0.91, "auc_low": 0.88, "auc_high": 0.94, "accuracy": 0.87,
+             "sensitivity": 0.9, "specificity": 0.8, "precision": 0.85, "f1": 0.874, "loss": 0.31,
+             "tn": 180, "fp": 54, "fn": 30, "tp": 360} for split, n in (("test", 624), ("val", 16))]
+
+
+@pytest.fixture(params=["plain", "file_uri"])
+def csv_uri(request, tmp_path):
+    path = tmp_path / "out" / results.TRAIN_CSV
+    return str(path) if request.param == "plain" else path.as_uri()
+
+
+def test_file_names():
+    assert results.TRAIN_CSV == "train_max_unsupervised.csv"
+    assert results.EVAL_CSV == "image_class_evaluation_unsupervised.csv"
+    assert len(set(TRAIN_COLUMNS)) == 29 and len(set(EVAL_COLUMNS)) == 21
+
+
+def test_append_creates_then_keeps_earlier_bytes(csv_uri):
+    from neumo import storage
+
+    append_rows(csv_uri, [_train_row(0), _train_row(1, score=None, status="failed", error="OOM, \"boom\"\nline 2")],
+                TRAIN_COLUMNS)
+    first = storage.read_bytes(csv_uri)
+    assert first.startswith(",".join(TRAIN_COLUMNS).encode() + b"\n")
+    append_rows(csv_uri, [_train_row(2, score=0.123456789012345)], TRAIN_COLUMNS)
+    second = storage.read_bytes(csv_uri)
+    assert second.startswith(first) and len(second) > len(first)
+    assert second.count(b"run_id,round") == 1  # a single header
+
+    rows = read_rows(csv_uri)
+    assert [r["trial"] for r in rows] == ["0", "1", "2"]
+    assert list(rows[0]) == TRAIN_COLUMNS
+    assert rows[0]["mask"] == "True" and rows[1]["mask"] == "False"
+    assert rows[0]["learning_rate"] == "1e-05" and float(rows[2]["score"]) == 0.123456789012345
+    assert rows[1]["score"] == "" and rows[1]["error"] == "OOM, \"boom\"\nline 2"
+    assert rows[0]["data_version"] == ""  # missing keys are empty cells
+
+
+def test_numpy_values_are_plain_cells(tmp_path):
+    uri = str(tmp_path / "e.csv")
+    append_rows(uri, [{"split": "test", "n": np.int64(624), "auc": np.float64(0.5), "accuracy": np.float32(0.25),
+                       "tp": np.bool_(True), "loss": math.nan}], EVAL_COLUMNS)
+    row = read_rows(uri)[0]
+    assert (row["n"], row["auc"], row["accuracy"], row["tp"], row["loss"]) == ("624", "0.5", "0.25", "True", "nan")
+
+
+def test_unknown_keys_are_dropped_with_a_warning(tmp_path, caplog):
+    uri = str(tmp_path / "t.csv")
+    with caplog.at_level("WARNING", logger="neumo.results"):
+        append_rows(uri, [_train_row(0, surprise=1)], TRAIN_COLUMNS)
+    assert "surprise" in caplog.text
+    assert "surprise" not in (tmp_path / "t.csv").read_text()
+    assert read_rows(uri)[0]["trial"] == "0"
+
+
+def test_an_old_header_is_kept_and_mapped_by_name(tmp_path, caplog):
+    path = tmp_path / "old.csv"
+    old = b"trial,score,legacy_note\r\n7,0.5,kept\r\n8,0.6,also"  # CRLF, no final newline
+    path.write_bytes(old)
+    with caplog.at_level("WARNING", logger="neumo.results"):
+        append_rows(str(path), [_train_row(9, score=0.75)], TRAIN_COLUMNS)
+    data = path.read_bytes()
+    assert data.startswith(old)
+    assert data == old + b"\r\n9,0.75,\r\n"
+    assert "different header" in caplog.text and "run_id" in caplog.text
+    assert read_rows(str(path))[-1] == {"trial": "9", "score": "0.75", "legacy_note": ""}
+
+
+def test_empty_existing_file_gets_a_header(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"")
+    append_rows(str(path), [], EVAL_COLUMNS)
+    assert path.read_text() == ",".join(EVAL_COLUMNS) + "\n"
+    assert read_rows(str(path)) == []
+
+
+def test_read_rows_of_a_missing_file_is_empty(tmp_path):
+    assert read_rows(str(tmp_path / "nope.csv")) == []
+
+
+def _report(tmp_path, train, evals) -> str:
+    uri = str(tmp_path / "report" / "index.html")
+    write_report(uri, train, evals)
+    return (tmp_path / "report" / "index.html").read_text()
+
+
+def test_report_without_rows(tmp_path):
+    text = _report(tmp_path, [], [])
+    assert "no finished trials" in text.lower() and "<html" in text
+
+
+def test_report_with_only_failed_trials(tmp_path):
+    text = _report(tmp_path, [_train_row(0, score=None, status="failed", error="CUDA <oom>")], [])
+    assert "no finished trials" in text.lower()
+    assert "Failed trials" in text and "CUDA &lt;oom&gt;" in text
+
+
+def test_report_with_one_row(tmp_path):
+    text = _report(tmp_path, [_train_row(0, score=0.9)], _eval_rows(0))
+    assert "Leaderboard" in text and text.count("<img") == 2 and "data:image/png;base64," in text
+    assert "624" in text and "test" in text
+
+
+def test_report_with_many_rows_from_csvs(tmp_path):
+    train_uri, eval_uri = str(tmp_path / results.TRAIN_CSV), str(tmp_path / results.EVAL_CSV)
+    rng = np.random.default_rng(0)
+    train = [_train_row(t, score=float(rng.uniform(0.6, 0.95))) for t in range(20)]
+    train[5].update(score=None, status="failed", error="Traceback: ValueError('bad shape')")
+    append_rows(train_uri, train, TRAIN_COLUMNS)
+    append_rows(eval_uri, [e for t in range(20) if t != 5 for e in _eval_rows(t)], EVAL_COLUMNS)
+    text = _report(tmp_path, read_rows(train_uri), read_rows(eval_uri))
+    assert "Leaderboard" in text and text.count("<img") == 2
+    best = max((r for r in train if r["score"] is not None), key=lambda r: r["score"])
+    assert f"{best['score']:.4g}" in text
+    assert "bad shape" in text
+    assert text.count("<td>test</td>") == results.LEADERBOARD_SIZE  # one test evaluation per leader
