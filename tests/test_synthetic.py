@@ -186,3 +186,17 @@ def test_write_nih_flat_pngs(tmp_path):
     assert write_nih(str(tmp_path / "empty"), 0) == 0
     with pytest.raises(ValueError):
         write_nih(str(tmp_path), -1)
+
+
+def test_write_kaggle_and_nih_to_gcs(gcs_bucket):
+    from neumo import storage
+
+    root = f"gs://{gcs_bucket}/kaggle"
+    assert write_kaggle(root, {"train": (2, 2), "test": (1, 1)}, size=32, seed=2,
+                        masks_uri=f"gs://{gcs_bucket}/masks") == 6
+    images = storage.list_files(root, (".jpeg",))
+    assert len(images) == 6 and all("/NORMAL/" in x or "/PNEUMONIA/" in x for x in images)
+    assert len(storage.list_files(f"gs://{gcs_bucket}/masks", (".png",))) == 6
+    assert imaging.read_grey(storage.read_bytes(images[0])).shape == (32, 32)
+    assert write_nih(f"gs://{gcs_bucket}/nih", 3, size=32) == 3
+    assert len(storage.list_files(f"gs://{gcs_bucket}/nih", (".png",))) == 3

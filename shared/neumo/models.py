@@ -38,7 +38,7 @@ def conv_block(x, filters: int, name: str):
     """Two 3x3 convolutions, each followed by batch normalisation and ReLU."""
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}_raw")(x)
-        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_conv{i}")(x)
     return x
 

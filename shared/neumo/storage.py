@@ -14,7 +14,6 @@ import functools
 import logging
 import mimetypes
 import os
-import posixpath
 import re
 import shutil
 import uuid
@@ -141,6 +140,11 @@ def _atomic_local(path: str, write: Callable[[str], object]) -> None:
             os.unlink(tmp)
 
 
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+
+
 def is_gcs(uri: str) -> bool:
     """True when ``uri`` is a ``gs://`` URI."""
     return _scheme(os.fspath(uri)) == "gs"
@@ -190,11 +194,6 @@ def write_bytes(uri: str, data: bytes) -> None:
     logger.debug("uploading %d bytes to %s", len(data), uri)
     with _gcs_errors(uri):
         _blob(bucket, key, len(data)).upload_from_string(data, content_type=content_type, retry=RETRY)
-
-
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
 
 
 def read_text(uri: str) -> str:

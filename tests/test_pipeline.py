@@ -1,0 +1,141 @@
+"""The full pipeline: compiled structure, compiling with only kfp, and a whole local run."""
+
+import csv
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+STAGES = {"ingest", "plan", "train-mask-model", "mask", "preprocess", "pretrain", "catalog", "suggest", "train",
+          "evaluate", "aggregate"}
+GPU_STAGES = {"train-mask-model", "mask", "pretrain", "train", "evaluate"}
+
+
+def _compile(tmp_path, *args):
+    from pipelines import full
+
+    path = tmp_path / "p.yaml"
+    assert full.main(["--compile", str(path), *args]) == 0
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform
+
+
+def _tasks(spec):
+    """Every task of the pipeline, nested loops included: {task name: (component name, task dict)}."""
+    found = {}
+    for comp_name, comp in {"root": spec["root"], **spec["components"]}.items():
+        for name, task in comp.get("dag", {}).get("tasks", {}).items():
+            found[name] = (task["componentRef"]["name"], task)
+    return found
+
+
+def _base(name):
+    return name.rsplit("-", 1)[0] if name.rsplit("-", 1)[-1].isdigit() else name
+
+
+def test_every_stage_loops_and_rounds(tmp_path):
+    spec, _ = _compile(tmp_path, "--rounds", "3", "--trials", "4", "--parallelism", "2")
+    tasks = _tasks(spec)
+    stage_tasks = {n for n in tasks if not n.startswith("for-loop")}
+    assert {_base(n) for n in stage_tasks} == STAGES
+    assert sum(_base(n) == "suggest" for n in stage_tasks) == 3
+    assert sum(_base(n) == "train" for n in stage_tasks) == 3
+    loops = {n: t for n, (_, t) in tasks.items() if n.startswith("for-loop")}
+    assert len(loops) == 1 + 3  # the variants loop and one per round
+    assert all(t["iteratorPolicy"]["parallelismLimit"] == 2 for t in loops.values())
+    aggregate = tasks["aggregate"][1]
+    assert "finished" in aggregate["inputs"]["parameters"]
+
+
+def test_accelerators_on_gpu_tasks_only(tmp_path):
+    spec, platform = _compile(tmp_path, "--gpu-type", "NVIDIA_L4", "--gpu-node-selector", "pool=gpu-l4")
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, (comp, _) in _tasks(spec).items():
+        if name.startswith("for-loop"):
+            continue
+        exec_name = spec["components"][comp]["executorLabel"]
+        resources = executors[exec_name]["container"].get("resources", {})
+        if _base(name) in GPU_STAGES:
+            assert resources["accelerator"]["resourceType"] == "NVIDIA_L4", name
+            assert k8s[exec_name]["nodeSelector"]["labels"] == {"pool": "gpu-l4"}, name
+            assert k8s[exec_name]["tolerations"], name
+        else:
+            assert "accelerator" not in resources, name
+            assert exec_name not in k8s, name
+
+
+def test_compiling_needs_only_kfp(tmp_path):
+    """Compile in a fresh interpreter where TensorFlow, Keras, OpenCV, numpy and neumo cannot be imported."""
+    script = textwrap.dedent(f"""
+        import sys, runpy
+        BLOCKED = ("tensorflow", "keras", "cv2", "numpy", "neumo", "pandas", "skimage", "mango")
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError("blocked for this test: " + name)
+        sys.meta_path.insert(0, Block())
+        sys.argv = ["full.py", "--compile", {str(tmp_path / "only-kfp.yaml")!r}]
+        runpy.run_path({str(REPO_ROOT / "pipelines" / "full.py")!r}, run_name="__main__")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "only-kfp.yaml").stat().st_size > 10_000
+
+
+def test_bad_compile_options_fail_clearly(tmp_path):
+    from pipelines import full
+
+    with pytest.raises(ValueError, match="rounds"):
+        full.create_pipeline(rounds=0)
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        full.main(["--compile", str(tmp_path / "x.yaml"), "--gpu-node-selector", "nokey"])
+    with pytest.raises(SystemExit, match="unknown pipeline parameter"):
+        full._coerce("pixles", "128")
+
+
+TINY_SPACE = ('{"pixels":[64],"mask":[false,true],"model":[1,2],"frozen_layers":[0,4],'
+              '"learning_rate":[0.0001,0.01],"loss":["bce","focal"],"augmentation":["none","light"],'
+              '"class_weight":[false,true]}')
+
+
+@pytest.mark.slow
+def test_whole_pipeline_runs_locally(tmp_path):
+    """ingest -> masks -> variants -> pretrain -> 2 rounds x 2 trials -> evaluate -> both CSVs."""
+    from neumo import results, synthetic
+
+    data = tmp_path / "data"
+    synthetic.write_kaggle(str(data / "images"), {"train": (14, 14), "val": (3, 3), "test": (4, 4)}, size=96,
+                           seed=0, masks_uri=str(data / "masks"))
+    synthetic.write_nih(str(data / "nih"), 8, size=96, seed=1)
+    args = ["--local", "--workdir", str(tmp_path / "run"), "--rounds", "2", "--trials", "2",
+            "--set", f"dataset_uri={data / 'images'}", "--set", f"masks_uri={data / 'masks'}",
+            "--set", f"pretrain_uri={data / 'nih'}", "--set", "mask_pixels=64", "--set", "mask_epochs=1",
+            "--set", "pretrain_epochs=1", "--set", "filters=4", "--set", "depth=3", "--set", "epochs=1",
+            "--set", "bootstrap=20", "--set", f"search_space={TINY_SPACE}"]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "pipelines" / "full.py"), *args], capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "run" / "results"
+    with open(out / results.TRAIN_CSV) as fh:
+        train_rows = list(csv.DictReader(fh))
+    assert len(train_rows) == 4
+    assert {(r["round"], r["trial"]) for r in train_rows} == {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
+    hyper = ("pixels", "mask", "model", "frozen_layers", "learning_rate", "loss", "augmentation", "class_weight")
+    filled = hyper + ("status", "epochs", "train_loss", "val_loss", "val_auc", "threshold", "score", "model_uri",
+                      "data_version", "run_id", "duration_s")
+    for row in train_rows:
+        assert row["status"] == "ok", row["error"]
+        assert all(row[k] != "" for k in filled), {k: row[k] for k in filled}
+    configs = {tuple(r[k] for k in hyper) for r in train_rows}
+    assert len(configs) == 4  # no configuration tried twice
+    with open(out / results.EVAL_CSV) as fh:
+        eval_rows = list(csv.DictReader(fh))
+    assert len(eval_rows) == 4 * 4
+    assert {r["split"] for r in eval_rows} == {"test", "val", "test+val", "valid"}
+    for row in eval_rows:
+        assert all(row[k] != "" for k in ("n", "loss", "accuracy", "auc", "sensitivity", "specificity", "tn", "tp"))
