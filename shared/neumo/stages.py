@@ -211,6 +211,7 @@ def suggest(search_space: dict, history_in: str, finished: list[str], batch_size
     from neumo import results, tuning
 
     space = tuning.SearchSpace.from_dict(search_space)
+    _check_round(finished, round_index - 1)
     records = _read_records(history_in) + [json.loads(s) for s in finished]
     trials = [_trial_point(r["train"]) for r in records]
     if results_uri and round_index == 0:
@@ -222,6 +223,14 @@ def suggest(search_space: dict, history_in: str, finished: list[str], batch_size
         c.update({"round": round_index, "trial": i})
     logger.info("suggest round %d: %d configurations from %d finished trials", round_index, len(configs), len(trials))
     return configs
+
+
+def _check_round(finished: list[str], round_index: int) -> None:
+    """One failed trial never sinks a run; a round where every trial failed does (with the reasons)."""
+    rows = [json.loads(s)["train"] for s in finished]
+    if rows and all(r.get("status") != "ok" for r in rows):
+        reasons = "; ".join(f"trial {r.get('trial')}: {r.get('error', '')[:200]}" for r in rows)
+        raise RuntimeError(f"every trial of round {round_index} failed: {reasons}")
 
 
 def _read_records(path: str) -> list[dict]:
@@ -366,6 +375,8 @@ def aggregate(history_in: str, finished: list[str], results_uri: str, out_dir: s
     results.append_rows(os.path.join(out_dir, results.TRAIN_CSV), train_rows, results.TRAIN_COLUMNS)
     results.append_rows(os.path.join(out_dir, results.EVAL_CSV), eval_rows, results.EVAL_COLUMNS)
     results.write_report(os.path.join(out_dir, "report.html"), train_rows, eval_rows)
+    # Written first, checked after: the rows of a failed last round are kept too.
+    _check_round(finished, int(records[-1]["train"].get("round", 0)) if records else 0)
     ok = [r for r in train_rows if r.get("status") == "ok"]
     best = max(ok, key=lambda r: float(r["score"])) if ok else None
     return {"trials": len(train_rows), "failed": len(train_rows) - len(ok),

@@ -46,10 +46,15 @@ def _fit(model, train_ds, valid_ds, epochs: int, monitor: str, mode: str, patien
         keras.callbacks.ModelCheckpoint(os.path.join(workdir, "best.weights.h5"), monitor=monitor, mode=mode,
                                         save_best_only=True, save_weights_only=True),
         keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv")),
+        keras.callbacks.TerminateOnNaN(),
         EpochLog(label),
     ]
     start = time.monotonic()
     hist = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=0)
+    losses = hist.history.get("loss", [])
+    if not losses or not np.all(np.isfinite(losses)):
+        raise FloatingPointError(f"{label}: the training loss became NaN or infinite (epoch {len(losses)}); "
+                                 "try a lower learning rate")
     return hist.history, time.monotonic() - start
 
 

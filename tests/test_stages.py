@@ -1,0 +1,86 @@
+"""Stage functions: tuning history, failure tolerance and the search space declared once."""
+
+import json
+
+import pytest
+
+from neumo import results, stages, tuning
+
+
+def _record(trial, round_index=0, status="ok", score=0.8, **config):
+    base = {"pixels": 64, "mask": False, "model": 1, "frozen_layers": 0, "learning_rate": 0.001, "loss": "bce",
+            "augmentation": "none", "class_weight": False}
+    base.update(config)
+    row = {"run_id": "r", "round": round_index, "trial": trial, "status": status,
+           "error": "" if status == "ok" else "FloatingPointError: NaN", "score": score if status == "ok" else "",
+           "model_uri": f"m{round_index}{trial}", **base}
+    return json.dumps({"train": row, "eval": []})
+
+
+SPACE = tuning.SearchSpace.smoke().to_dict()
+
+
+def test_default_space_is_declared_once():
+    """pipelines/full.py cannot import neumo (compiling needs only kfp): its copy must equal the library's."""
+    from pipelines.full import DEFAULT_SPACE
+
+    assert tuning.SearchSpace.from_dict(DEFAULT_SPACE) == tuning.SearchSpace.default()
+
+
+def test_suggest_continues_from_the_results_csv(tmp_path):
+    """A scheduled run reads the training CSV at the results URI and never repeats a configuration."""
+    previous = [json.loads(_record(i, model=1 + i % 2, frozen_layers=4 * (i % 2), learning_rate=10 ** -(2 + i / 4),
+                                   score=0.5 + i / 20))["train"] for i in range(6)]
+    results.append_rows(str(tmp_path / results.TRAIN_CSV), previous, results.TRAIN_COLUMNS)
+    configs = stages.suggest(SPACE, "", [], 4, 0, str(tmp_path / "h.jsonl"), str(tmp_path), 0)
+    assert len(configs) == 4
+    seen = {tuning.config_key(r) for r in previous}
+    assert not seen & {tuning.config_key(c) for c in configs}
+    assert [c["trial"] for c in configs] == [0, 1, 2, 3] and all(c["round"] == 0 for c in configs)
+
+
+def test_history_accumulates_across_rounds(tmp_path):
+    h1, h2 = str(tmp_path / "h1.jsonl"), str(tmp_path / "h2.jsonl")
+    stages.suggest(SPACE, "", [], 2, 0, h1, "", 0)
+    stages.suggest(SPACE, h1, [_record(0), _record(1, model=2)], 2, 0, h2, "", 1)
+    assert len(open(h2).read().splitlines()) == 2
+
+
+def test_one_failed_trial_does_not_sink_the_round(tmp_path):
+    configs = stages.suggest(SPACE, "", [_record(0), _record(1, status="failed")], 2, 0,
+                             str(tmp_path / "h.jsonl"), "", 1)
+    assert configs
+
+
+def test_a_round_where_every_trial_failed_stops_the_run(tmp_path):
+    with pytest.raises(RuntimeError, match="every trial of round 0 failed.*NaN"):
+        stages.suggest(SPACE, "", [_record(0, status="failed"), _record(1, status="failed")], 2, 0,
+                       str(tmp_path / "h.jsonl"), "", 1)
+
+
+def test_aggregate_keeps_rows_even_when_the_last_round_failed(tmp_path):
+    history = tmp_path / "h.jsonl"
+    history.write_text(_record(0) + "\n")
+    with pytest.raises(RuntimeError, match="every trial of round 1 failed"):
+        stages.aggregate(str(history), [_record(0, 1, "failed"), _record(1, 1, "failed")], str(tmp_path / "res"),
+                         str(tmp_path / "out"))
+    rows = results.read_rows(str(tmp_path / "res" / results.TRAIN_CSV))
+    assert [r["status"] for r in rows] == ["ok", "failed", "failed"]
+    assert rows[1]["error"] == "FloatingPointError: NaN"
+
+
+def test_aggregate_appends_without_losing_earlier_rows(tmp_path):
+    history = tmp_path / "h.jsonl"
+    history.write_text(_record(0) + "\n")
+    stages.aggregate(str(history), [_record(1, model=2)], str(tmp_path / "res"), str(tmp_path / "a"))
+    first = (tmp_path / "res" / results.TRAIN_CSV).read_bytes()
+    summary = stages.aggregate(str(history), [_record(1, model=2, score=0.9)], str(tmp_path / "res"), str(tmp_path / "b"))
+    assert (tmp_path / "res" / results.TRAIN_CSV).read_bytes().startswith(first)
+    assert summary["trials"] == 2 and summary["best_score"] == 0.9
+    assert (tmp_path / "b" / "report.html").exists()
+
+
+def test_failed_row_has_the_reason_and_the_configuration():
+    row = stages.failed_row({"pixels": 64.0, "model": 2, "round": 1.0, "trial": 3.0}, "ValueError: boom")
+    assert row["status"] == "failed" and row["error"] == "ValueError: boom"
+    assert (row["round"], row["trial"], row["model"]) == (1, 3, 2)
