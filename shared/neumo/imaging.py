@@ -24,9 +24,12 @@ from scipy import ndimage
 __all__ = [
     "CLAHE_CLIPS",
     "ImageError",
+    "MAX_PIXELS",
+    "MIN_SIDE",
     "apply_mask",
     "clahe_limit",
     "decode",
+    "image_size",
     "mask_input",
     "mask_qa",
     "postprocess_mask",
@@ -49,7 +52,14 @@ CLAHE_TILES = (8, 8)
 MIN_LUNG_FRACTION = 0.05
 MAX_LUNG_FRACTION = 0.7
 
+#: Decompression-bomb guard: images declaring more pixels than this are refused from their header.
+MAX_PIXELS = 50_000_000
+#: The smallest side ingest accepts (a smaller image carries no usable chest anatomy).
+MIN_SIDE = 32
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not frames.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # IMREAD_UNCHANGED keeps alpha and 16 bits but ignores the EXIF orientation that cv2.imread
 # (IMREAD_COLOR) applies; ANYCOLOR|ANYDEPTH applies it and keeps grey/colour and depth.
 _FLAGS_ORIENTED = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
@@ -93,18 +103,77 @@ def _decode_flags(buf: bytes | bytearray | memoryview) -> int:
     return _FLAGS_ORIENTED
 
 
-def decode(data: bytes) -> np.ndarray:
+def _jpeg_size(buf: bytes) -> tuple[int, int]:
+    """(width, height) from the first start-of-frame segment of a JPEG."""
+    i, n = 2, len(buf)
+    while i < n:
+        if buf[i] != 0xFF:
+            raise ImageError(f"corrupt JPEG: no marker at byte {i}")
+        while i < n and buf[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = buf[i]
+        i += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            raise ImageError("corrupt JPEG: no frame header before the image data")
+        if i + 2 > n:
+            break
+        length = int.from_bytes(buf[i:i + 2], "big")
+        if length < 2:
+            raise ImageError(f"corrupt JPEG: segment length {length} at byte {i}")
+        if marker in _JPEG_SOF:
+            if i + 7 > n:
+                break
+            return int.from_bytes(buf[i + 5:i + 7], "big"), int.from_bytes(buf[i + 3:i + 5], "big")
+        i += length
+    raise ImageError(f"undecodable image data ({n} bytes): truncated JPEG, no frame header")
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) a PNG or JPEG declares in its header, read without decoding any pixel.
+
+    Raises :class:`ImageError` for other formats (only PNG and JPEG are accepted) and for
+    headers too short or malformed to say.
+    """
+    buf = bytes(data[:1 << 20])  # frame headers sit before the pixel data; EXIF/ICC may precede them
+    if buf.startswith(_PNG_SIGNATURE):
+        if len(buf) < 24 or buf[12:16] != b"IHDR":
+            raise ImageError(f"undecodable image data ({len(data)} bytes): truncated PNG, no IHDR header")
+        return int.from_bytes(buf[16:20], "big"), int.from_bytes(buf[20:24], "big")
+    if buf.startswith(b"\xff\xd8"):
+        return _jpeg_size(buf)
+    raise ImageError(f"unsupported or undecodable image data ({len(data)} bytes, starts with {buf[:8]!r}): "
+                     "only PNG and JPEG are accepted")
+
+
+def _check_size(data: bytes, max_pixels: int, min_side: int) -> None:
+    """Refuse, from the header alone, images too large to decode safely or too small to use."""
+    width, height = image_size(data)
+    if width * height > max_pixels:
+        raise ImageError(f"too large: the header declares {width}x{height} = {width * height / 1e6:.0f} megapixels, "
+                         f"over the limit of {max_pixels / 1e6:g} (decompression-bomb guard); not decoded")
+    if width < max(min_side, 1) or height < max(min_side, 1):
+        raise ImageError(f"too small: {width}x{height} pixels (each side must be >= {max(min_side, 1)})")
+
+
+def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = 0) -> np.ndarray:
     """Image bytes -> uint8 (H,W) grey, (H,W,3) BGR or (H,W,4) BGRA, pixels as cv2.imread sees them.
 
     16-bit images become 8-bit as round(v / 257); palette PNGs are expanded to BGR(A).
     EXIF orientation is applied as ``cv2.imread`` does (for such files alpha is dropped,
-    which does not change the grey image). Raises :class:`ImageError` for empty,
-    truncated, undecodable or unsupported (float, signed) images.
+    which does not change the grey image). Only PNG and JPEG are read, and their header is
+    checked BEFORE any pixel is decoded: over ``max_pixels`` ("too large", a decompression
+    bomb) or a side under ``min_side`` ("too small") is refused. Raises :class:`ImageError`
+    for empty, truncated, undecodable, unsupported (float, signed, other formats) images.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode expects bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise ImageError("empty image data (0 bytes)")
+    _check_size(data, max_pixels, min_side)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buf, _decode_flags(data))

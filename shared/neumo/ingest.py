@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import re
+import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -83,6 +84,23 @@ def _classify(rel: str, labelled: bool) -> tuple[str, str, str]:
     return split, label, ""
 
 
+def _unsafe_local(uri: str, base: str) -> str:
+    """Why a local dataset file must not be read (a link out of the dataset, not a regular file), or ""."""
+    path, root = storage.local_path(uri), storage.local_path(base)
+    if path is None or root is None:
+        return ""  # object stores have no links; their names are checked by storage.relative
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.islink(path) and os.path.commonpath([real, real_root]) != real_root:
+        return f"link outside the dataset (points to {real})"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        return f"unreadable: {err}"
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or stream forever
+        return "not a regular file"
+    return ""
+
+
 def _empty_class_folders(uri: str) -> list[str]:
     """Class folders with no files (local datasets only: object stores have no empty folders)."""
     root = storage.local_path(uri)
@@ -129,8 +147,14 @@ def scan(config: IngestConfig) -> tuple[list[dict], list[dict], dict]:
         logger.info("ingest: %d files under %s", len(files), base)
         candidates = []
         for uri in files:
-            rel = storage.relative(uri, base)
-            split, label, reason = _classify(rel, labelled)
+            try:
+                rel = storage.relative(uri, base)
+            except ValueError:
+                report.append({"uri": uri, "status": "rejected", "id": "",
+                               "reason": "unsafe name: '..', '.', an empty segment or an absolute path"})
+                continue
+            reason = _unsafe_local(uri, base)
+            split, label, reason = ("", "", reason) if reason else _classify(rel, labelled)
             if reason:
                 report.append({"uri": uri, "status": "rejected", "reason": reason, "id": ""})
             else:
@@ -162,10 +186,10 @@ def _read_one(uri, file_id, split, label, seen, masks_uri):
     checksum = hashlib.sha256(data).hexdigest()
     if checksum in seen:
         return None, "duplicate", f"same bytes as {seen[checksum]}"
-    try:
-        grey = imaging.read_grey(data)
+    try:  # the header is checked first: decompression bombs and tiny images are never decoded
+        grey = imaging.to_grey(imaging.decode(data, min_side=imaging.MIN_SIDE))
     except imaging.ImageError as err:
-        return None, "rejected", f"undecodable image: {err}"
+        return None, "rejected", str(err)
     seen[checksum] = file_id
     mask_uri, reason = "", ""
     if masks_uri:

@@ -117,16 +117,84 @@ class LegacyConv2DTranspose(keras.layers.Conv2DTranspose):
         super().__init__(*args, **kwargs)
 
 
-def load(path: str) -> keras.Model:
-    """Load a lung-mask model: `.keras` in safe mode, or the group's legacy Keras 2 `.h5`."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"mask model file not found: {path}")
+#: Layer classes a legacy `.h5` lung-mask model may contain: standard Keras layers with no code in
+#: their configuration. Anything else (Lambda, custom or unknown classes) is refused before loading.
+H5_ALLOWED_LAYERS = frozenset({
+    "Functional", "Model", "Sequential", "InputLayer",
+    "Conv2D", "Conv2DTranspose", "SeparableConv2D", "DepthwiseConv2D", "Dense",
+    "MaxPooling2D", "AveragePooling2D", "GlobalMaxPooling2D", "GlobalAveragePooling2D", "UpSampling2D",
+    "Cropping2D", "ZeroPadding2D", "Concatenate", "Add", "Subtract", "Multiply", "Average", "Maximum",
+    "Minimum", "BatchNormalization", "LayerNormalization", "Activation", "ReLU", "LeakyReLU", "PReLU",
+    "ELU", "Softmax", "Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "Reshape",
+    "Flatten", "Permute", "Rescaling",
+})
+_H5_SUFFIXES = (".h5", ".hdf5")
+
+
+def _h5_layer_classes(config) -> list[tuple[str, str]]:
+    """(class_name, module) of every layer in a Keras model config, nested models included."""
+    found = []
+    if isinstance(config, dict):
+        if "class_name" in config and isinstance(config.get("config"), dict):
+            inner = config["config"]
+            if "layers" in inner or "name" in inner:
+                found.append((str(config["class_name"]), str(config.get("module") or "")))
+            for layer in inner.get("layers", []) or []:
+                found += _h5_layer_classes(layer)
+    return found
+
+
+def check_h5(path: str) -> None:
+    """Refuse a legacy `.h5` model whose layers are not all standard Keras layers (ValueError).
+
+    Keras 2 `.h5` files keep a Lambda layer's Python bytecode in their configuration and run it
+    when the model is built; the allow-list (:data:`H5_ALLOWED_LAYERS`) is checked on the stored
+    configuration before Keras reads anything else.
+    """
+    import json
+
+    import h5py
+
     try:
-        if path.endswith(".h5"):
-            return keras.saving.load_model(path, compile=False,
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+    except OSError as err:
+        raise ValueError(f"cannot load the mask model {path}: not an HDF5 file ({err})") from err
+    if raw is None:
+        raise ValueError(f"cannot load the mask model {path}: no model_config (a weights-only file?)")
+    try:
+        config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot load the mask model {path}: unreadable model_config ({err})") from err
+    layers = _h5_layer_classes(config)
+    bad = sorted({name for name, module in layers
+                  if name not in H5_ALLOWED_LAYERS or (module and not module.startswith("keras"))})
+    if not layers or bad:
+        raise ValueError(f"refusing the mask model {path}: layer classes {bad or ['(none found)']} are not "
+                         f"standard Keras layers; allowed: {sorted(H5_ALLOWED_LAYERS)}")
+
+
+def load(path: str) -> keras.Model:
+    """Load a lung-mask model: `.keras` in safe mode, or the group's legacy Keras 2 `.h5`.
+
+    Safe mode refuses Lambda layers and other code in `.keras` files; a legacy `.h5` must pass
+    :func:`check_h5` (standard layers only) and only our `Conv2DTranspose` shim is substituted.
+    Every failure is a ValueError naming the file (FileNotFoundError when absent).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mask model file not found: {path}")
+    legacy = path.lower().endswith(_H5_SUFFIXES)
+    if not legacy and not path.endswith(".keras"):
+        raise ValueError(f"cannot load the mask model {path}: expected a .keras file or a legacy "
+                         f"Keras 2 {' or '.join(_H5_SUFFIXES)} file")
+    if legacy:
+        check_h5(path)
+    try:
+        if legacy:
+            return keras.saving.load_model(path, compile=False, safe_mode=True,
                                            custom_objects={"Conv2DTranspose": LegacyConv2DTranspose})
         return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except (ValueError, OSError, TypeError) as err:
+    except (ValueError, OSError, TypeError, KeyError) as err:
         raise ValueError(f"cannot load the mask model {path}: {err}") from err
 
 

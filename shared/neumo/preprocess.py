@@ -1,11 +1,18 @@
 """The preprocess stage: every manifest image -> (lung mask applied) -> the seed's chain up to
 CLAHE -> uint8 shards per fold. The z-score is applied when read (neumo.data), so training never
-repeats decode, resize or CLAHE."""
+repeats decode, resize or CLAHE.
+
+The stage streams: workers read each image from storage themselves (a folder or gs://), at most
+two shards of results are held at a time, and each shard is written whole (storage.write_bytes
+is atomic) as soon as it is complete. variant.json, written last, lists the shards and marks the
+variant complete: a crashed run leaves no variant.json, and readers only trust listed shards.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -19,25 +26,44 @@ from neumo import imaging, storage
 
 logger = logging.getLogger(__name__)
 
+#: Target size of one shard at scale (TFRecord guidance: 100 MB+ per file).
 SHARD_BYTES = 100 * 2**20
+#: Split a fold into at least this many shards when it has enough images (>= 10 files per reading host).
+MIN_SHARDS = 10
+#: Never make shards smaller than this many images (unless shard_bytes forces it).
+MIN_SHARD_IMAGES = 16
+#: Log progress at most this often (seconds), and at the end of every fold.
+LOG_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """One data variant: output size, lung masking, CLAHE clip (None = OpenCV's default 40)."""
+    """One data variant: output size, lung masking, CLAHE clip (None = OpenCV's default 40).
+
+    `workers`: processes decoding in parallel (0 = one per core, 1 = in this process).
+    `shard_bytes`: the largest shard; `min_shards`: shards per fold wanted when it has enough images.
+    """
 
     pixels: int
     mask: bool = False
     clahe_clip: float | None = None
     workers: int = 0
     shard_bytes: int = SHARD_BYTES
+    min_shards: int = MIN_SHARDS
 
     def __post_init__(self):
         if not isinstance(self.pixels, int) or self.pixels < 8:
             raise ValueError(f"pixels must be an integer >= 8, got {self.pixels!r}")
         imaging.clahe_limit(self.clahe_clip)
-        if self.workers < 0 or self.shard_bytes < 1:
-            raise ValueError(f"workers must be >= 0 (0 = one per core) and shard_bytes >= 1: {self}")
+        if self.workers < 0 or self.shard_bytes < 1 or self.min_shards < 1:
+            raise ValueError(f"workers must be >= 0 (0 = one per core), shard_bytes and min_shards >= 1: {self}")
+
+
+def images_per_shard(n: int, pixels: int, shard_bytes: int = SHARD_BYTES, min_shards: int = MIN_SHARDS) -> int:
+    """Images per shard for a fold of `n` images: at most shard_bytes per shard; at least
+    `min_shards` shards when that leaves MIN_SHARD_IMAGES or more in each."""
+    cap = max(1, shard_bytes // (pixels * pixels))
+    return max(1, min(cap, max(MIN_SHARD_IMAGES, math.ceil(n / min_shards))))
 
 
 def mask_path(masks_uri: str, image_id: str) -> str:
@@ -48,44 +74,91 @@ def mask_path(masks_uri: str, image_id: str) -> str:
 def prepare_one(args: tuple[str, str, int, float | None]) -> np.ndarray:
     """uint8 (p, p) for one image uri (and its mask uri or ""): the stored form of the seed chain."""
     uri, mask_uri, pixels, clip = args
-    image = imaging.decode(storage.read_bytes(uri))
-    if mask_uri:
-        mask = imaging.read_grey(storage.read_bytes(mask_uri)) > 127
-        image = imaging.apply_mask(imaging.to_grey(image), mask)
-    return imaging.prepare_uint8(image, pixels, clip)
+    try:
+        image = imaging.decode(storage.read_bytes(uri))
+        if mask_uri:
+            mask = imaging.read_grey(storage.read_bytes(mask_uri)) > 127
+            image = imaging.apply_mask(imaging.to_grey(image), mask)
+        return imaging.prepare_uint8(image, pixels, clip)
+    except Exception as err:  # name the image (notes survive the pool's pickling); re-raised as is
+        err.add_note(f"while preprocessing {uri}")
+        raise
+
+
+def _init_worker() -> None:
+    """Pool worker: one OpenCV thread, so N workers use N cores without oversubscription."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _shard_jobs(manifest: list[dict], config: PreprocessConfig, masks_uri: str):
+    """[(fold, shard index, rows, jobs)] for every shard, in the order they are written."""
+    by_fold = defaultdict(list)
+    for r in manifest:
+        if r["fold"] not in nd.FOLDS:
+            raise ValueError(f"manifest row {r.get('id')!r} has fold {r['fold']!r}, not one of {nd.FOLDS}")
+        by_fold[r["fold"]].append(r)
+    plan = []
+    for fold in nd.FOLDS:
+        rows = sorted(by_fold.get(fold, []), key=lambda r: r["id"])
+        per = images_per_shard(len(rows), config.pixels, config.shard_bytes, config.min_shards)
+        for s, lo in enumerate(range(0, len(rows), per)):
+            chunk = rows[lo:lo + per]
+            jobs = [(r["uri"], mask_path(masks_uri, r["id"]) if config.mask else "", config.pixels,
+                     config.clahe_clip) for r in chunk]
+            plan.append((fold, s, chunk, jobs))
+    return by_fold, plan
 
 
 def run(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri: str = "", data_version: str = "") -> dict:
-    """Write the variant folder (variant.json + <fold>/shard-NNNNN.npz); returns variant.json's dict."""
+    """Write the variant folder (<fold>/shard-NNNNN.npz, then variant.json); returns variant.json's dict.
+
+    Shards are identical, byte for byte, whatever the number of workers.
+    """
     if config.mask and not masks_uri:
         raise ValueError("a masked variant needs the mask stage's output (no lung-mask model was available)")
-    per_shard = max(16, config.shard_bytes // (config.pixels * config.pixels))
-    by_fold = defaultdict(list)
-    for r in manifest:
-        by_fold[r["fold"]].append(r)
-    workers = config.workers or os.cpu_count() or 1
-    start, counts = time.monotonic(), {}
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    by_fold, plan = _shard_jobs(manifest, config, masks_uri)
+    total = sum(len(v) for v in by_fold.values())
+    workers = max(1, min(config.workers or os.cpu_count() or 1, total))
+    logger.info("preprocess %dpx mask=%s: %d images in %d shards, %d worker(s)", config.pixels, config.mask,
+                total, len(plan), workers)
+    start, done, last_log = time.monotonic(), 0, 0.0
+    shards: dict[str, list[str]] = {fold: [] for fold in nd.FOLDS}
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) if workers > 1 else None
     try:
-        for fold in nd.FOLDS:
-            rows = sorted(by_fold.get(fold, []), key=lambda r: r["id"])
-            counts[fold] = len(rows)
-            for s, lo in enumerate(range(0, len(rows), per_shard)):
-                chunk = rows[lo:lo + per_shard]
-                jobs = [(r["uri"], mask_path(masks_uri, r["id"]) if config.mask else "", config.pixels, config.clahe_clip)
-                        for r in chunk]
-                images = list(pool.imap(prepare_one, jobs, chunksize=8)) if pool else [prepare_one(j) for j in jobs]
-                nd.write_shard(storage.join(out_uri, fold, f"shard-{s:05d}.npz"), np.stack(images),
-                               [r["target"] for r in chunk], [r["id"] for r in chunk])
-                logger.info("preprocess %dpx mask=%s: %s %d/%d", config.pixels, config.mask, fold, lo + len(chunk), len(rows))
+        chunksize = 4
+        pending = None  # the next shard is queued while this one is written: at most two in memory
+        for i, (fold, s, rows, jobs) in enumerate(plan):
+            if pool is None:
+                images = [prepare_one(j) for j in jobs]
+            else:
+                result = pending if pending is not None else pool.map_async(prepare_one, jobs, chunksize)
+                pending = pool.map_async(prepare_one, plan[i + 1][3], chunksize) if i + 1 < len(plan) else None
+                images = result.get()
+            name = f"shard-{s:05d}.npz"
+            nd.write_shard(storage.join(out_uri, fold, name), np.stack(images),
+                           [r["target"] for r in rows], [r["id"] for r in rows])
+            shards[fold].append(name)
+            done += len(rows)
+            now = time.monotonic() - start
+            last_of_fold = i + 1 == len(plan) or plan[i + 1][0] != fold
+            if now - last_log >= LOG_EVERY_S or last_of_fold:
+                last_log = now
+                rate = done / now if now else 0.0
+                logger.info("preprocess %dpx mask=%s: %s shard %d, %d/%d images, %.1f images/s, ETA %.0f s",
+                            config.pixels, config.mask, fold, s + 1, done, total, rate,
+                            (total - done) / rate if rate else 0.0)
     finally:
         if pool:
-            pool.close()
+            pool.terminate()  # every result is in hand (or a job failed): nothing left to wait for
             pool.join()
     seconds = time.monotonic() - start
+    counts = {fold: len(by_fold.get(fold, [])) for fold in nd.FOLDS}
     info = {"pixels": config.pixels, "mask": config.mask, "clahe_clip": config.clahe_clip, "counts": counts,
             "data_version": data_version, "seconds": round(seconds, 2),
-            "images_per_s": round(sum(counts.values()) / seconds, 1) if seconds else None}
+            "images_per_s": round(total / seconds, 1) if seconds else None, "workers": workers,
+            "shards": shards}
     # variant.json last: a folder without it is an unfinished variant.
     storage.write_text(storage.join(out_uri, "variant.json"), json.dumps(info, indent=2))
     return info

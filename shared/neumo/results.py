@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import base64
 import csv
+import fcntl
 import html
 import io
 import logging
 import math
 import numbers
+import os
+import random
+import time
 from collections.abc import Mapping
 
 from neumo import storage
@@ -53,8 +57,52 @@ def append_rows(uri: str, rows: list[dict], columns: list[str]) -> None:
     """Append `rows` to the CSV at `uri`, creating it with `columns` as header when absent.
 
     The existing bytes are kept exactly; the result is written back atomically. An existing file
-    keeps its own header: values are mapped by column name, those it has no column for are dropped."""
-    old = storage.read_bytes(uri) if storage.exists(uri) else b""
+    keeps its own header: values are mapped by column name, those it has no column for are dropped.
+    Safe with concurrent writers (parallel trials): a local file is read-modified-written under an
+    exclusive `fcntl.flock` on `.<name>.lock` beside it; a gs:// object is replaced only if its
+    generation is unchanged since it was read, retried on conflict, so no row is ever lost."""
+    if storage.is_gcs(uri):
+        _append_gcs(uri, rows, columns)
+    else:
+        _append_local(uri, rows, columns)
+    log.info("appended %d row(s) to %s", len(rows), uri)
+
+
+def _append_local(uri: str, rows: list[dict], columns: list[str]) -> None:
+    path = os.path.abspath(storage.local_path(uri))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")  # hidden: never listed
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when fh closes, also if this process dies
+        try:
+            old = storage.read_bytes(uri) if storage.exists(uri) else b""
+            storage.write_bytes(uri, _appended(uri, old, rows, columns))
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+APPEND_TIMEOUT_S = 120.0
+
+
+def _append_gcs(uri: str, rows: list[dict], columns: list[str]) -> None:
+    deadline = time.monotonic() + APPEND_TIMEOUT_S
+    attempt = 0
+    while True:
+        old, generation = storage.read_with_generation(uri)
+        new = _appended(uri, old or b"", rows, columns)
+        if attempt and old is not None and old.startswith(new):
+            return  # our earlier write landed although its reply was lost (then 412): not twice
+        if storage.write_if_generation(uri, new, generation):
+            return
+        attempt += 1
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"could not append to {uri}: {attempt} conflicting writes in {APPEND_TIMEOUT_S:.0f} s")
+        log.debug("%s changed while appending (attempt %d); retrying", uri, attempt)
+        time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** min(attempt, 6))))  # jittered backoff
+
+
+def _appended(uri: str, old: bytes, rows: list[dict], columns: list[str]) -> bytes:
+    """`old` (a CSV's bytes, possibly empty) with `rows` appended, as the new bytes of the file."""
     header, newline = list(columns), "\n"
     if old.strip():
         text = old.decode("utf-8-sig")
@@ -78,8 +126,7 @@ def append_rows(uri: str, rows: list[dict], columns: list[str]) -> None:
         out.write(newline)  # the last line had no terminator: finish it, do not join onto it
     for row in rows:
         writer.writerow([_cell(row.get(c)) if c in known else "" for c in header])
-    storage.write_bytes(uri, old + out.getvalue().encode("utf-8"))
-    log.info("appended %d row(s) to %s", len(rows), uri)
+    return old + out.getvalue().encode("utf-8")
 
 
 def read_rows(uri: str) -> list[dict]:

@@ -353,6 +353,9 @@ def evaluate(model_dir: str, catalog_path: str, train_row: dict, out_dir: str, b
 def failed_row(config: dict, error: str, run_id: str = "", seed: int = 0) -> dict:
     """The training-CSV row of a trial that could not finish, with the reason."""
     row = {k: config.get(k, "") for k in _KEYS}
+    for k in ("pixels", "model", "frozen_layers"):  # KFP's local runner hands ints over as floats
+        if isinstance(row[k], float) and row[k].is_integer():
+            row[k] = int(row[k])
     return {"run_id": run_id, "round": int(config.get("round", 0)), "trial": int(config.get("trial", 0)),
             "status": "failed", "error": error[:500], **row, "seed": seed,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

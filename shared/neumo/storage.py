@@ -236,7 +236,11 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
 
 
 def relative(uri: str, base: str) -> str:
-    """The '/'-separated path of ``uri`` under ``base``; ValueError if not strictly under it."""
+    """The '/'-separated path of ``uri`` under ``base``; ValueError if not strictly under it.
+
+    A name that could escape a folder it is joined to (a '..' or '.' segment, an empty segment
+    as in 'a//b' or a leading '/', a NUL byte) is refused too: object names come from a bucket
+    listing, and the relative path may become a local path later."""
     kind, bucket, key = _parse(uri)
     base_kind, base_bucket, base_key = _parse(base)
     if kind != base_kind or bucket != base_bucket:
@@ -247,7 +251,7 @@ def relative(uri: str, base: str) -> str:
         prefix = base_key.rstrip("/")
         rel = key if not prefix else key[len(prefix) + 1:] if key.startswith(prefix + "/") else ""
     segments = rel.split("/")
-    if not rel or rel == "." or ".." in segments or "." in segments:
+    if not rel or rel == "." or ".." in segments or "." in segments or "" in segments or "\0" in rel:
         raise ValueError(f"{uri!r} is not under {base!r}")
     return rel
 
@@ -280,3 +284,61 @@ def upload(local_path: str, uri: str) -> None:
     logger.info("uploading %s (%d bytes) to %s", src, size, uri)
     with _gcs_errors(uri):
         _blob(bucket, key, size).upload_from_filename(src, content_type=content_type, retry=RETRY)
+
+
+def delete(uri: str) -> None:
+    """Remove the file or object at ``uri``; FileNotFoundError if it is absent."""
+    if not is_gcs(uri):
+        os.unlink(local_path(uri))
+        return
+    _, bucket, key = _gs(uri)
+    with _gcs_errors(uri):
+        _blob(bucket, key).delete(retry=RETRY)
+
+
+def check_writable(folder_uri: str) -> None:
+    """Fail early, before any expensive work, when ``folder_uri`` cannot be written to.
+
+    Writes and removes a small probe file; a missing bucket is FileNotFoundError naming it,
+    a forbidden one google's Forbidden, a malformed URI ValueError.
+    """
+    probe = join(folder_uri, f".neumo-write-probe-{uuid.uuid4().hex}")
+    write_bytes(probe, b"")
+    delete(probe)
+
+
+# --- optimistic concurrency on gs:// (read-modify-write of a shared object) ---------------
+
+
+def read_with_generation(uri: str) -> tuple[bytes | None, int]:
+    """(content, generation) of the gs:// object ``uri``; (None, 0) when it does not exist.
+
+    Pass the generation to :func:`write_if_generation` to replace the object only if nobody
+    wrote it in between (generation 0 means "only if it still does not exist").
+    """
+    _, bucket, key = _gs(uri)
+    for _ in range(20):
+        blob = _client().bucket(bucket).get_blob(key, retry=RETRY)
+        if blob is None:
+            return None, 0
+        generation = int(blob.generation)
+        try:
+            # the content must be that generation's: a newer one is 412, and we look again
+            return blob.download_as_bytes(if_generation_match=generation, retry=RETRY), generation
+        except (gexc.PreconditionFailed, gexc.NotFound):
+            continue
+    raise TimeoutError(f"{uri} kept changing while being read")
+
+
+def write_if_generation(uri: str, data: bytes, generation: int) -> bool:
+    """Replace the gs:// object ``uri`` with ``data`` only if its generation is still ``generation``
+    (0: only if absent). True when written; False when someone else wrote it first (HTTP 412)."""
+    _, bucket, key = _gs(uri)
+    content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
+    try:
+        with _gcs_errors(uri):
+            _blob(bucket, key, len(data)).upload_from_string(
+                data, content_type=content_type, if_generation_match=int(generation), retry=RETRY)
+    except gexc.PreconditionFailed:
+        return False
+    return True

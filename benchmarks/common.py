@@ -1,0 +1,52 @@
+"""Small helpers shared by the benchmarks: timing, a header line and a result line format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+KERMANY_FULL = os.path.join(SHARED_DATA, "kermany_full_res", "images")
+WORKDIR = os.path.join(REPO, "work", "bench")
+
+
+def machine() -> str:
+    """One line: CPU model, cores, memory."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB"
+
+
+def setup(name: str) -> None:
+    """Quiet logging and TF, and a header line for one benchmark."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    load = os.getloadavg()[0]
+    print(f"== {name} on {machine()} (load average {load:.1f} at start)", flush=True)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of fn takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best_rate(n: int, fn: Callable[[], object], repeats: int = 2) -> float:
+    """n / (fastest of `repeats` calls), items per second: the shared machine only adds noise upwards."""
+    return n / min(timed(fn) for _ in range(repeats))
+
+
+def report(**fields) -> None:
+    """One machine-readable result line (the run script collects them) after the human lines."""
+    print("RESULT " + json.dumps(fields, default=str), flush=True)

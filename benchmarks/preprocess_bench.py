@@ -1,0 +1,96 @@
+"""Preprocess stage images/s against a bare loop of the same decode + OpenCV calls, 1 and N workers.
+
+    python -m benchmarks.preprocess_bench [--pixels 512] [--repeat 2] [--synthetic 96]
+
+Inputs: the real full-size Kermany images in ../shared/data/kermany_full_res (read in place) and
+synthetic 1024x1024 NIH-layout PNGs. The bare loop reads each file, then cv2.imdecode, cvtColor
+(colour files), resize and CLAHE, nothing else: the floor the stage is measured against.
+Targets: stage with 1 worker >= 0.9x the bare loop; with N workers >= 0.9 x N x the 1-worker rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+
+from benchmarks.common import KERMANY_FULL, WORKDIR, best_rate, report, setup
+
+
+def bare_loop(paths: list[str], pixels: int) -> None:
+    import cv2
+    import numpy as np
+
+    clahe = cv2.createCLAHE(clipLimit=40.0, tileGridSize=(8, 8))
+    for path in paths:
+        with open(path, "rb") as fh:
+            image = cv2.imdecode(np.frombuffer(fh.read(), np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+        if image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        clahe.apply(cv2.resize(image, (pixels, pixels), interpolation=cv2.INTER_LINEAR))
+
+
+def manifest(paths: list[str], repeat: int) -> list[dict]:
+    """Manifest rows (fold train) for the files, each listed `repeat` times under distinct ids."""
+    return [{"id": f"r{k}_{os.path.basename(p)}", "uri": p, "fold": "train", "target": 0}
+            for k in range(repeat) for p in paths]
+
+
+def bench(label: str, paths: list[str], pixels: int, repeat: int, workers: int, out_root: str) -> None:
+    from neumo import preprocess
+
+    rows = manifest(paths, repeat)
+    n = len(rows)
+    for p in paths:  # warm the page cache so every contender reads from memory
+        with open(p, "rb") as fh:
+            fh.read()
+    bare = best_rate(n, lambda: [bare_loop(paths, pixels) for _ in range(repeat)])
+    rates = {}
+    for w in sorted({1, workers}):
+        def stage(w=w):
+            out = os.path.join(out_root, f"{label}-{w}")
+            shutil.rmtree(out, ignore_errors=True)
+            preprocess.run(rows, preprocess.PreprocessConfig(pixels=pixels, workers=w), out)
+        rates[w] = best_rate(n, stage)
+    one, many = rates[1], rates[workers]
+    print(f"{label}: {n} images -> {pixels}px")
+    print(f"  bare loop (imdecode+cvtColor+resize+CLAHE, 1 process): {bare:8.1f} images/s")
+    print(f"  preprocess stage, 1 worker:                             {one:8.1f} images/s  = {one / bare:.2f}x bare (target >= 0.9)")
+    if workers > 1:
+        print(f"  preprocess stage, {workers} workers (spawn pool incl. start): {many:8.1f} images/s  = "
+              f"{many / one:.2f}x 1 worker = {many / (workers * one):.2f} x N x 1-worker (target >= 0.9)")
+    report(bench="preprocess", data=label, images=n, pixels=pixels, bare=round(bare, 1), one_worker=round(one, 1),
+           workers=workers, n_workers=round(many, 1), ratio_one_vs_bare=round(one / bare, 3),
+           ratio_n_vs_n_times_one=round(many / (workers * one), 3))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pixels", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=2, help="list each real image this many times")
+    parser.add_argument("--synthetic", type=int, default=96, help="synthetic 1024x1024 NIH PNGs (0 = skip)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    setup("preprocess")
+    os.makedirs(WORKDIR, exist_ok=True)
+    out_root = tempfile.mkdtemp(prefix="preprocess-", dir=WORKDIR)
+    try:
+        if os.path.isdir(KERMANY_FULL):
+            real = sorted(os.path.join(d, f) for d, _, fs in os.walk(KERMANY_FULL) for f in fs)
+            bench("kermany_full_res (real, ~400-2900 px JPEG)", real, args.pixels, args.repeat, args.workers, out_root)
+        else:
+            print(f"kermany_full_res absent at {KERMANY_FULL}: real-image benchmark skipped")
+        if args.synthetic:
+            from neumo import synthetic
+
+            nih = os.path.join(out_root, "nih")
+            synthetic.write_nih(nih, args.synthetic, size=1024)
+            paths = sorted(os.path.join(nih, f) for f in os.listdir(nih))
+            bench("synthetic NIH 1024x1024 PNG", paths, args.pixels, args.repeat, args.workers, out_root)
+    finally:
+        shutil.rmtree(out_root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
