@@ -118,7 +118,8 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
             with dsl.ParallelFor(proposal.outputs["Output"], parallelism=parallelism) as config:
                 trial = place(train(config=config, variants=variants, epochs=epochs, batch_size=batch_size,
                                     patience=patience, clahe_clip=clahe_clip, seed=seed,
-                                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), placement, gpu=True, retry=True)
+                                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, checkpoint_root=results_uri),
+                              placement, gpu=True, retry=True)
                 scored = place(evaluate(train_row=trial.outputs["Output"], model=trial.outputs["model"],
                                         variants=variants, bootstrap=bootstrap), placement, gpu=True, retry=True)
             history, finished = proposal.outputs["history_out"], dsl.Collected(scored.outputs["Output"])

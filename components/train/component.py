@@ -15,10 +15,12 @@ def train(
     clahe_clip: float = 0.0,
     seed: int = 0,
     run_id: str = "",
+    checkpoint_root: str = "",
 ) -> str:
     """Train one classifier trial (model 1 or 2 on its variant's pretrained backbone, Adam, best
     epoch kept, threshold chosen on the validation fold). Returns its training-CSV row as JSON; a
-    trial that fails returns a failed row with the reason instead of sinking the round."""
+    trial that fails returns a failed row with the reason instead of sinking the round. The training
+    state is backed up under `checkpoint_root` each epoch, so a preempted, retried pod resumes."""
     import json
     import logging
 
@@ -28,7 +30,8 @@ def train(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed)
     try:
-        row = stages.train(config, variants.path, model.path, model.uri, settings, run_id, clahe_clip or None, seed)
+        row = stages.train(config, variants.path, model.path, model.uri, settings, run_id, clahe_clip or None, seed,
+                           checkpoint_root)
     except Exception as err:  # a trial's failure (NaN loss, out of memory, bad config) must not sink the round
         logging.exception("trial failed")
         row = stages.failed_row(config, f"{type(err).__name__}: {err}", run_id, seed)

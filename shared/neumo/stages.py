@@ -154,16 +154,20 @@ def preprocess(manifest_dir: str, variant: dict, out_dir: str, masks_dir: str = 
 
 
 def pretrain(variant_dir: str, out_dir: str, config=None) -> dict:
-    """Pretrain the U-Net autoencoder on the variant's unlabelled images (else its train images)."""
+    """Pretrain the U-Net autoencoder on the variant's unlabelled images and its train fold (labels
+    unused; never the valid, val or test images, which judge the classifiers)."""
     from neumo import data as nd
     from neumo import training
 
     config = config or training.PretrainConfig()
     info = nd.read_variant(variant_dir)
-    images = nd.load_fold(variant_dir, "unlabelled")
-    source = "unlabelled"
-    if len(images) < 8:
-        images, source = nd.load_fold(variant_dir, "train"), "train (labels unused)"
+    folds = [nd.load_fold(variant_dir, f) for f in ("unlabelled", "train")]
+    images = nd.Fold(*(np.concatenate([getattr(f, k) for f in folds]) for k in ("images", "targets", "ids")))
+    source = f"{len(folds[0])} unlabelled + {len(folds[1])} train"
+    if len(images) < 2:
+        raise ValueError(f"pretraining needs at least 2 images; variant {variant_dir} has {len(images)}")
+    order = np.random.default_rng(config.seed).permutation(len(images))
+    images = nd.Fold(images.images[order], images.targets[order], images.ids[order])
     n_valid = max(1, len(images) // 10)
     fit = nd.Fold(images.images[n_valid:], images.targets[n_valid:], images.ids[n_valid:])
     held = nd.Fold(images.images[:n_valid], images.targets[:n_valid], images.ids[:n_valid])
@@ -274,8 +278,9 @@ def _in_space(row: dict, space) -> bool:
 # --- one trial: train, evaluate -------------------------------------------------------------
 
 def train(config: dict, catalog_path: str, out_dir: str, model_uri: str = "", settings=None, run_id: str = "",
-          clahe_clip: float | None = None, seed: int = 0) -> dict:
-    """Train one trial; returns its training-CSV row (status ok)."""
+          clahe_clip: float | None = None, seed: int = 0, checkpoint_root: str = "") -> dict:
+    """Train one trial; returns its training-CSV row (status ok). With a checkpoint_root the
+    training state is backed up under it per (run, round, trial) and a restarted pod resumes."""
     from neumo import training
 
     cfg = training.TrialConfig.from_dict(config)
@@ -284,7 +289,11 @@ def train(config: dict, catalog_path: str, out_dir: str, model_uri: str = "", se
     backbone = os.path.join(out_dir, "backbone.keras")
     storage.download(storage.join(entry["backbone_uri"], "autoencoder.keras"), backbone)
     os.makedirs(out_dir, exist_ok=True)
-    result = training.train_trial(cfg, settings, entry["data_uri"], backbone, out_dir)
+    checkpoint = ""
+    if checkpoint_root:
+        checkpoint = storage.join(checkpoint_root, "checkpoints", run_id or "run",
+                                  f"round-{int(config.get('round', 0))}-trial-{int(config.get('trial', 0))}")
+    result = training.train_trial(cfg, settings, entry["data_uri"], backbone, out_dir, checkpoint)
     os.remove(backbone)
     info = _read_json_safe(storage.join(entry["data_uri"], "variant.json"))
     return {

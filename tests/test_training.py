@@ -1,0 +1,87 @@
+"""Training on a prepared variant: pretraining, a trial, its threshold, and resuming from object storage."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from neumo import data as nd
+from neumo import ingest, preprocess, stages, synthetic, training
+
+
+@pytest.fixture(scope="module")
+def variant(tmp_path_factory):
+    """A tiny prepared 32 px variant and its pretrained 2-level backbone."""
+    root = tmp_path_factory.mktemp("variant")
+    synthetic.write_kaggle(str(root / "data"), {"train": (12, 12), "test": (3, 3)}, size=64, seed=4)
+    synthetic.write_nih(str(root / "nih"), 8, size=64, seed=5)
+    stages.ingest(ingest.IngestConfig(str(root / "data"), pretrain_uri=str(root / "nih")), str(root / "m"))
+    stages.preprocess(str(root / "m"), {"pixels": 32, "mask": False}, str(root / "p"), workers=1)
+    info = stages.pretrain(str(root / "p"), str(root / "b"), training.PretrainConfig(depth=2, filters=4, epochs=2))
+    return root, info
+
+
+def test_pretraining_uses_unlabelled_and_train_images(variant):
+    root, info = variant
+    assert info["source"].startswith("8 unlabelled + ")
+    total = sum(int(n) for n in info["source"].split() if n.isdigit())
+    assert info["images"] == total - max(1, total // 10)  # a tenth held out for the validation loss
+    assert np.isfinite(info["best_val_loss"])
+    assert (root / "b" / "autoencoder.keras").exists() and (root / "b" / "history.csv").exists()
+
+
+def test_corruption_keeps_shape_and_changes_the_input():
+    import tensorflow as tf
+
+    x = tf.random.normal((4, 32, 32, 1), seed=1)
+    y = training.corrupt_tf(x, seed=3)
+    assert y.shape == x.shape
+    assert float(tf.reduce_mean(tf.abs(y - x))) > 0.05
+
+
+def test_trial_stores_model_threshold_and_config(variant, tmp_path):
+    root, _ = variant
+    cfg = training.TrialConfig.from_dict({"pixels": 32.0, "mask": False, "model": 2.0, "frozen_layers": 2,
+                                          "learning_rate": 3e-3, "loss": "weighted_bce", "augmentation": "light",
+                                          "class_weight": True})
+    result = training.train_trial(cfg, training.TrainSettings(epochs=2, seed=1), str(root / "p"),
+                                  str(root / "b" / "autoencoder.keras"), str(tmp_path))
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["threshold"] == result.threshold and 0 <= result.threshold <= 1
+    assert meta["config"]["model"] == 2 and (tmp_path / "model.keras").exists()
+    assert 1 <= result.best_epoch <= result.epochs <= 2
+
+
+def test_a_restarted_trial_resumes_from_object_storage(variant, tmp_path, gcs_bucket, caplog):
+    root, _ = variant
+    cfg = training.TrialConfig(32, False, 1, 0, 1e-3, "bce", "none", False)
+    checkpoint = f"gs://{gcs_bucket}/checkpoints/run/round-0-trial-0"
+    backbone = str(root / "b" / "autoencoder.keras")
+    training.train_trial(cfg, training.TrainSettings(epochs=1), str(root / "p"), backbone, str(tmp_path / "a"), checkpoint)
+    # a new pod: empty local disk, same checkpoint URI, one more epoch asked for
+    with caplog.at_level(logging.INFO, logger="neumo.training"):
+        result = training.train_trial(cfg, training.TrainSettings(epochs=2), str(root / "p"), backbone,
+                                      str(tmp_path / "b"), checkpoint)
+    assert "resuming from the training state" in caplog.text
+    assert "trial epoch 2:" in caplog.text and "trial epoch 1:" not in caplog.text
+    assert result.epochs == 1  # only the remaining epoch ran
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"model": 3}, "model"), ({"learning_rate": 0}, "learning_rate"), ({"loss": "hinge"}, "loss"),
+    ({"augmentation": "flip"}, "augmentation"), ({"pixels": 32.5}, "pixels"), ({"frozen_layers": -1}, "frozen"),
+])
+def test_bad_trial_configurations_raise(bad, match):
+    good = {"pixels": 32, "mask": False, "model": 1, "frozen_layers": 0, "learning_rate": 1e-3, "loss": "bce",
+            "augmentation": "none", "class_weight": False}
+    with pytest.raises(ValueError, match=match):
+        training.TrialConfig.from_dict({**good, **bad})
+
+
+def test_nan_loss_fails_the_trial_with_a_reason(variant, tmp_path):
+    root, _ = variant
+    cfg = training.TrialConfig(32, False, 1, 0, 1e12, "bce", "none", False)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        training.train_trial(cfg, training.TrainSettings(epochs=2), str(root / "p"),
+                             str(root / "b" / "autoencoder.keras"), str(tmp_path))
