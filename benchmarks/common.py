@@ -47,6 +47,31 @@ def best_rate(n: int, fn: Callable[[], object], repeats: int = 2) -> float:
     return n / min(timed(fn) for _ in range(repeats))
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its reaped children so far."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, tuple[float, float]]:
+    """{name: (best wall seconds, CPU seconds of that run)}: contenders run in turn, `repeats` rounds.
+
+    Interleaving and taking the best run make the comparison fair on a machine other people load
+    at the same time; CPU seconds per item do not depend on that load at all.
+    """
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            cpu0, t0 = cpu_seconds(), time.perf_counter()
+            fn()
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, cpu)
+    return best
+
+
 def report(**fields) -> None:
     """One machine-readable result line (the run script collects them) after the human lines."""
     print("RESULT " + json.dumps(fields, default=str), flush=True)

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 
-from benchmarks.common import KERMANY_FULL, WORKDIR, best_rate, report, setup
+from benchmarks.common import KERMANY_FULL, WORKDIR, interleaved, report, setup
 
 
 def bare_loop(paths: list[str], pixels: int) -> None:
@@ -31,13 +31,31 @@ def bare_loop(paths: list[str], pixels: int) -> None:
         clahe.apply(cv2.resize(image, (pixels, pixels), interpolation=cv2.INTER_LINEAR))
 
 
+def pool_start(workers: int) -> float:
+    """Seconds to start the stage's spawn pool until every worker has answered (best of 2)."""
+    import multiprocessing
+    import time
+
+    from neumo import preprocess
+
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=preprocess._init_worker)
+        pool.map(abs, range(workers), chunksize=1)
+        best = min(best, time.perf_counter() - start)
+        pool.terminate()
+        pool.join()
+    return best
+
+
 def manifest(paths: list[str], repeat: int) -> list[dict]:
     """Manifest rows (fold train) for the files, each listed `repeat` times under distinct ids."""
     return [{"id": f"r{k}_{os.path.basename(p)}", "uri": p, "fold": "train", "target": 0}
             for k in range(repeat) for p in paths]
 
 
-def bench(label: str, paths: list[str], pixels: int, repeat: int, workers: int, out_root: str) -> None:
+def bench(label: str, paths: list[str], pixels: int, repeat: int, workers: int, out_root: str, repeats: int = 3) -> None:
     from neumo import preprocess
 
     rows = manifest(paths, repeat)
@@ -45,24 +63,33 @@ def bench(label: str, paths: list[str], pixels: int, repeat: int, workers: int, 
     for p in paths:  # warm the page cache so every contender reads from memory
         with open(p, "rb") as fh:
             fh.read()
-    bare = best_rate(n, lambda: [bare_loop(paths, pixels) for _ in range(repeat)])
-    rates = {}
-    for w in sorted({1, workers}):
-        def stage(w=w):
-            out = os.path.join(out_root, f"{label}-{w}")
-            shutil.rmtree(out, ignore_errors=True)
-            preprocess.run(rows, preprocess.PreprocessConfig(pixels=pixels, workers=w), out)
-        rates[w] = best_rate(n, stage)
-    one, many = rates[1], rates[workers]
-    print(f"{label}: {n} images -> {pixels}px")
-    print(f"  bare loop (imdecode+cvtColor+resize+CLAHE, 1 process): {bare:8.1f} images/s")
-    print(f"  preprocess stage, 1 worker:                             {one:8.1f} images/s  = {one / bare:.2f}x bare (target >= 0.9)")
+    def stage(w):
+        out = os.path.join(out_root, f"{label}-{w}")
+        shutil.rmtree(out, ignore_errors=True)
+        preprocess.run(rows, preprocess.PreprocessConfig(pixels=pixels, workers=w), out)
+
+    contenders = {"bare": lambda: [bare_loop(paths, pixels) for _ in range(repeat)], 1: lambda: stage(1)}
     if workers > 1:
-        print(f"  preprocess stage, {workers} workers (spawn pool incl. start): {many:8.1f} images/s  = "
-              f"{many / one:.2f}x 1 worker = {many / (workers * one):.2f} x N x 1-worker (target >= 0.9)")
+        contenders[workers] = lambda: stage(workers)
+    best = interleaved(contenders, repeats)
+    bare, one, many = (n / best[k][0] for k in ("bare", 1, workers))
+    cpu = {k: 1000 * v[1] / n for k, v in best.items()}  # CPU ms per image
+    start = pool_start(workers) if workers > 1 else 0.0
+    steady = n / max(1e-9, n / many - start)
+    print(f"{label}: {n} images -> {pixels}px, best of {repeats} interleaved runs")
+    print(f"  bare loop (imdecode+cvtColor+resize+CLAHE, 1 process): {bare:7.1f} images/s  {cpu['bare']:5.2f} CPU ms/image")
+    print(f"  preprocess stage, 1 worker:                             {one:7.1f} images/s  {cpu[1]:5.2f} CPU ms/image"
+          f"  = {one / bare:.2f}x bare by wall (target >= 0.9), {cpu['bare'] / cpu[1]:.2f}x by CPU")
+    if workers > 1:
+        print(f"  preprocess stage, {workers} workers (spawn pool incl. start): {many:7.1f} images/s  {cpu[workers]:5.2f} CPU ms/image"
+              f"  = {many / one:.2f}x 1 worker = {many / (workers * one):.2f} x N x 1-worker (target >= 0.9)")
+        print(f"    starting the pool (spawn + imports) takes {start:.2f} s; without it {steady:7.1f} images/s "
+              f"= {steady / (workers * one):.2f} x N x 1-worker; CPU per image {cpu[1] / cpu[workers]:.2f}x the 1-worker's")
     report(bench="preprocess", data=label, images=n, pixels=pixels, bare=round(bare, 1), one_worker=round(one, 1),
            workers=workers, n_workers=round(many, 1), ratio_one_vs_bare=round(one / bare, 3),
-           ratio_n_vs_n_times_one=round(many / (workers * one), 3))
+           ratio_n_vs_n_times_one=round(many / (workers * one), 3), pool_start_s=round(start, 2),
+           ratio_n_steady=round(steady / (workers * one), 3),
+           cpu_ms_per_image={str(k): round(v, 3) for k, v in cpu.items()}, load_average=round(os.getloadavg()[0], 1))
 
 
 def main(argv=None) -> None:

@@ -95,7 +95,8 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
         data = place(ingest(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri,
                             sample_per_class=sample_per_class, seed=seed), placement)
         manifest = data.outputs["manifest"]
-        planned = place(plan(search_space=search_space, manifest=manifest, mask_model_uri=mask_model_uri), placement)
+        planned = place(plan(search_space=search_space, manifest=manifest, mask_model_uri=mask_model_uri, depth=depth,
+                             results_uri=results_uri), placement)
         lung_model = place(train_mask_model(manifest=manifest, variants=planned.output,
                                             mask_model_uri=mask_model_uri, pixels=mask_pixels, epochs=mask_epochs,
                                             filters=filters, max_images=mask_max_images, seed=seed),

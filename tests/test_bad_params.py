@@ -73,8 +73,6 @@ def test_trial_config_missing_key_and_float_ints():
     assert TrialConfig.from_dict({**TRIAL, "pixels": 64.0}).pixels == 64  # KFP's local runner sends floats
 
 
-@pytest.mark.xfail(strict=True, reason="requested change: TrialConfig.from_dict should check pixels against "
-                   "tuning.ALLOWED_PIXELS (docs/robustness.md); remove this mark when it does")
 def test_trial_config_rejects_pixels_outside_the_allowed_set():
     with pytest.raises(ValueError, match=r"pixels must be one of \(64, 128, 256, 512\)"):
         TrialConfig.from_dict({**TRIAL, "pixels": 100})
@@ -141,8 +139,6 @@ def test_plan_validates_the_space_against_the_data(tmp_path):
         stages.plan({**SPACE, "mask": [True]}, manifest)
 
 
-@pytest.mark.xfail(strict=True, reason="requested change: stages.plan(..., depth=4) should check every pixels "
-                   "value against 2**depth before any GPU stage; remove this mark when it does")
 def test_plan_refuses_pixels_the_unet_cannot_halve_depth_times(tmp_path):
     with pytest.raises(ValueError, match=r"2\*\*depth=128"):
         stages.plan(SPACE, _manifest_dir(tmp_path), depth=7)  # 64 px cannot be halved 7 times

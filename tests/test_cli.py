@@ -37,7 +37,7 @@ def test_stages_chain_from_the_command_line(tmp_path, capsys):
 
     run("synthetic", "--out", f"{w}/s", "--per-class", "12", "--size", "64")
     run("ingest", "--dataset-uri", f"{w}/s/images", "--pretrain-uri", f"{w}/s/nih", "--out", f"{w}/m")
-    run("preprocess", "--manifest", f"{w}/m", "--pixels", "32", "--workers", "1", "--out", f"{w}/p")
+    run("preprocess", "--manifest", f"{w}/m", "--pixels", "64", "--workers", "1", "--out", f"{w}/p")
     run("pretrain", "--data", f"{w}/p", "--depth", "2", "--filters", "4", "--epochs", "1", "--out", f"{w}/b")
     run("catalog", "--variant", f"{w}/p", f"{w}/b", "--out", f"{w}/catalog.json")
     space = {"pixels": [64], "mask": [False], "model": [1, 2], "frozen_layers": [0], "learning_rate": [1e-3, 1e-2],
@@ -46,7 +46,7 @@ def test_stages_chain_from_the_command_line(tmp_path, capsys):
     space_file.write_text(json.dumps(space))
     configs = run("suggest", "--search-space", f"@{space_file}", "--batch-size", "1", "--out", f"{w}/c.json")
     assert len(configs) == 1
-    config = {**configs[0], "pixels": 32}  # the CLI path accepts any prepared size
+    config = configs[0]
     (tmp_path / "trial.json").write_text(json.dumps(config))
     row = run("train", "--config", f"@{w}/trial.json", "--catalog", f"{w}/catalog.json", "--epochs", "1",
               "--out", f"{w}/t")

@@ -108,10 +108,12 @@ def test_hadolint_passes():
 
 
 def _podman() -> list[str] | None:
-    if not (shutil.which("podman") and shutil.which("runc") and (CHECK_WORK / "storage").is_dir()):
+    marker = CHECK_WORK / "storage-driver"  # written by scripts/container-check.sh: overlay or vfs
+    if not (shutil.which("podman") and shutil.which("runc") and marker.is_file()):
         return None
-    podman = ["podman", "--root", str(CHECK_WORK / "storage"), "--runroot", str(CHECK_WORK / "run"),
-              "--storage-driver", "vfs", "--runtime", "runc"]
+    driver = marker.read_text().strip()
+    podman = ["podman", "--root", str(CHECK_WORK / f"storage-{driver}"), "--runroot", str(CHECK_WORK / f"run-{driver}"),
+              "--storage-driver", driver, "--runtime", "runc"]
     exists = subprocess.run([*podman, "image", "exists", CHECK_IMAGE], capture_output=True, check=False)
     return podman if exists.returncode == 0 else None
 

@@ -51,6 +51,27 @@ def test_every_stage_loops_and_rounds(tmp_path):
     assert "finished" in aggregate["inputs"]["parameters"]
 
 
+def test_rounds_are_suggest_parallelfor_collected_with_retries(tmp_path):
+    """R rounds unrolled: suggest -> ParallelFor (capped) over its configurations -> Collected into the
+    next suggest (or aggregate); trials retry after preemption."""
+    spec, _ = _compile(tmp_path, "--rounds", "3", "--trials", "2", "--parallelism", "1")
+    root = spec["root"]["dag"]["tasks"]
+    suggests = ["suggest", "suggest-2", "suggest-3"]
+    for i, name in enumerate(suggests):
+        loop = next(n for n, t in root.items() if n.startswith("for-loop")
+                    and t.get("parameterIterator", {}).get("items", {}).get("inputParameter", "").endswith(f"{name}-Output"))
+        assert root[loop]["iteratorPolicy"]["parallelismLimit"] == 1
+        comp = spec["components"][root[loop]["componentRef"]["name"]]
+        assert comp["outputDefinitions"]["parameters"], "the loop's evaluations are collected"
+        consumer = root[suggests[i + 1]] if i + 1 < len(suggests) else root["aggregate"]
+        collected = consumer["inputs"]["parameters"]["finished"]["taskOutputParameter"]
+        assert collected["producerTask"] == loop
+        for task in comp["dag"]["tasks"].values():
+            assert task["retryPolicy"]["maxRetryCount"] == 2
+    assert "finished" not in root["suggest"]["inputs"]["parameters"] or \
+        root["suggest"]["inputs"]["parameters"]["finished"].get("runtimeValue")
+
+
 def test_accelerators_on_gpu_tasks_only(tmp_path):
     spec, platform = _compile(tmp_path, "--gpu-type", "NVIDIA_L4", "--gpu-node-selector", "pool=gpu-l4")
     executors = spec["deploymentSpec"]["executors"]
@@ -103,24 +124,29 @@ TINY_SPACE = ('{"pixels":[64],"mask":[false,true],"model":[1,2],"frozen_layers":
               '"class_weight":[false,true]}')
 
 
+def _run_local(tmp_path, data, workdir, rounds, results):
+    args = ["--local", "--workdir", str(workdir), "--rounds", str(rounds), "--trials", "2",
+            "--set", f"dataset_uri={data / 'images'}", "--set", f"masks_uri={data / 'masks'}",
+            "--set", f"pretrain_uri={data / 'nih'}", "--set", f"results_uri={results}", "--set", "mask_pixels=64",
+            "--set", "mask_epochs=1", "--set", "pretrain_epochs=1", "--set", "filters=4", "--set", "depth=3",
+            "--set", "epochs=1", "--set", "bootstrap=20", "--set", f"search_space={TINY_SPACE}"]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "pipelines" / "full.py"), *args], capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 @pytest.mark.slow
-def test_whole_pipeline_runs_locally(tmp_path):
-    """ingest -> masks -> variants -> pretrain -> 2 rounds x 2 trials -> evaluate -> both CSVs."""
+def test_whole_pipeline_runs_locally_and_a_second_run_continues(tmp_path):
+    """ingest -> masks -> variants -> pretrain -> 2 rounds x 2 trials -> evaluate -> both CSVs; then a
+    second run on the same results URI reads that history and tries only new configurations."""
     from neumo import results, synthetic
 
     data = tmp_path / "data"
     synthetic.write_kaggle(str(data / "images"), {"train": (14, 14), "val": (3, 3), "test": (4, 4)}, size=96,
                            seed=0, masks_uri=str(data / "masks"))
     synthetic.write_nih(str(data / "nih"), 8, size=96, seed=1)
-    args = ["--local", "--workdir", str(tmp_path / "run"), "--rounds", "2", "--trials", "2",
-            "--set", f"dataset_uri={data / 'images'}", "--set", f"masks_uri={data / 'masks'}",
-            "--set", f"pretrain_uri={data / 'nih'}", "--set", "mask_pixels=64", "--set", "mask_epochs=1",
-            "--set", "pretrain_epochs=1", "--set", "filters=4", "--set", "depth=3", "--set", "epochs=1",
-            "--set", "bootstrap=20", "--set", f"search_space={TINY_SPACE}"]
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "pipelines" / "full.py"), *args], capture_output=True,
-                          text=True, timeout=900, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = tmp_path / "run" / "results"
+    out = tmp_path / "results"
+    _run_local(tmp_path, data, tmp_path / "run", 2, out)
     with open(out / results.TRAIN_CSV) as fh:
         train_rows = list(csv.DictReader(fh))
     assert len(train_rows) == 4
@@ -139,3 +165,11 @@ def test_whole_pipeline_runs_locally(tmp_path):
     assert {r["split"] for r in eval_rows} == {"test", "val", "test+val", "valid"}
     for row in eval_rows:
         assert all(row[k] != "" for k in ("n", "loss", "accuracy", "auc", "sensitivity", "specificity", "tn", "tp"))
+
+    first_bytes = (out / results.TRAIN_CSV).read_bytes()
+    _run_local(tmp_path, data, tmp_path / "run2", 1, out)
+    assert (out / results.TRAIN_CSV).read_bytes().startswith(first_bytes)  # earlier rows kept byte for byte
+    with open(out / results.TRAIN_CSV) as fh:
+        all_rows = list(csv.DictReader(fh))
+    assert len(all_rows) == 6 and len({r["run_id"] for r in all_rows}) == 2
+    assert len({tuple(r[k] for k in hyper) for r in all_rows}) == 6  # the second run repeated nothing

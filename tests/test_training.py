@@ -12,12 +12,12 @@ from neumo import ingest, preprocess, stages, synthetic, training
 
 @pytest.fixture(scope="module")
 def variant(tmp_path_factory):
-    """A tiny prepared 32 px variant and its pretrained 2-level backbone."""
+    """A tiny prepared 64 px variant and its pretrained 2-level backbone."""
     root = tmp_path_factory.mktemp("variant")
     synthetic.write_kaggle(str(root / "data"), {"train": (12, 12), "test": (3, 3)}, size=64, seed=4)
     synthetic.write_nih(str(root / "nih"), 8, size=64, seed=5)
     stages.ingest(ingest.IngestConfig(str(root / "data"), pretrain_uri=str(root / "nih")), str(root / "m"))
-    stages.preprocess(str(root / "m"), {"pixels": 32, "mask": False}, str(root / "p"), workers=1)
+    stages.preprocess(str(root / "m"), {"pixels": 64, "mask": False}, str(root / "p"), workers=1)
     info = stages.pretrain(str(root / "p"), str(root / "b"), training.PretrainConfig(depth=2, filters=4, epochs=2))
     return root, info
 
@@ -42,7 +42,7 @@ def test_corruption_keeps_shape_and_changes_the_input():
 
 def test_trial_stores_model_threshold_and_config(variant, tmp_path):
     root, _ = variant
-    cfg = training.TrialConfig.from_dict({"pixels": 32.0, "mask": False, "model": 2.0, "frozen_layers": 2,
+    cfg = training.TrialConfig.from_dict({"pixels": 64.0, "mask": False, "model": 2.0, "frozen_layers": 2,
                                           "learning_rate": 3e-3, "loss": "weighted_bce", "augmentation": "light",
                                           "class_weight": True})
     result = training.train_trial(cfg, training.TrainSettings(epochs=2, seed=1), str(root / "p"),
@@ -55,7 +55,7 @@ def test_trial_stores_model_threshold_and_config(variant, tmp_path):
 
 def test_a_restarted_trial_resumes_from_object_storage(variant, tmp_path, gcs_bucket, caplog):
     root, _ = variant
-    cfg = training.TrialConfig(32, False, 1, 0, 1e-3, "bce", "none", False)
+    cfg = training.TrialConfig(64, False, 1, 0, 1e-3, "bce", "none", False)
     checkpoint = f"gs://{gcs_bucket}/checkpoints/run/round-0-trial-0"
     backbone = str(root / "b" / "autoencoder.keras")
     training.train_trial(cfg, training.TrainSettings(epochs=1), str(root / "p"), backbone, str(tmp_path / "a"), checkpoint)
@@ -70,10 +70,10 @@ def test_a_restarted_trial_resumes_from_object_storage(variant, tmp_path, gcs_bu
 
 @pytest.mark.parametrize("bad,match", [
     ({"model": 3}, "model"), ({"learning_rate": 0}, "learning_rate"), ({"loss": "hinge"}, "loss"),
-    ({"augmentation": "flip"}, "augmentation"), ({"pixels": 32.5}, "pixels"), ({"frozen_layers": -1}, "frozen"),
+    ({"augmentation": "flip"}, "augmentation"), ({"pixels": 64.5}, "pixels"), ({"pixels": 100}, "pixels"), ({"frozen_layers": -1}, "frozen"),
 ])
 def test_bad_trial_configurations_raise(bad, match):
-    good = {"pixels": 32, "mask": False, "model": 1, "frozen_layers": 0, "learning_rate": 1e-3, "loss": "bce",
+    good = {"pixels": 64, "mask": False, "model": 1, "frozen_layers": 0, "learning_rate": 1e-3, "loss": "bce",
             "augmentation": "none", "class_weight": False}
     with pytest.raises(ValueError, match=match):
         training.TrialConfig.from_dict({**good, **bad})
@@ -81,7 +81,7 @@ def test_bad_trial_configurations_raise(bad, match):
 
 def test_nan_loss_fails_the_trial_with_a_reason(variant, tmp_path):
     root, _ = variant
-    cfg = training.TrialConfig(32, False, 1, 0, 1e12, "bce", "none", False)
+    cfg = training.TrialConfig(64, False, 1, 0, 1e12, "bce", "none", False)
     with pytest.raises(FloatingPointError, match="NaN"):
         training.train_trial(cfg, training.TrainSettings(epochs=2), str(root / "p"),
                              str(root / "b" / "autoencoder.keras"), str(tmp_path))

@@ -7,7 +7,8 @@ from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def plan(search_space: dict, manifest: Input[Dataset], mask_model_uri: str = "") -> List[dict]:
+def plan(search_space: dict, manifest: Input[Dataset], mask_model_uri: str = "", depth: int = 4,
+         results_uri: str = "") -> List[dict]:
     """Validate the search space against the ingested data before any GPU time is spent, and list
     the data variants (pixels x mask) that preprocessing and pretraining must prepare."""
     import logging
@@ -15,4 +16,4 @@ def plan(search_space: dict, manifest: Input[Dataset], mask_model_uri: str = "")
     from neumo import stages
 
     logging.basicConfig(level=logging.INFO)
-    return stages.plan(search_space, manifest.path, mask_model_uri)
+    return stages.plan(search_space, manifest.path, mask_model_uri, depth, results_uri)

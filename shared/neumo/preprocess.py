@@ -3,7 +3,7 @@ CLAHE -> uint8 shards per fold. The z-score is applied when read (neumo.data), s
 repeats decode, resize or CLAHE.
 
 The stage streams: workers read each image from storage themselves (a folder or gs://), at most
-two shards of results are held at a time, and each shard is written whole (storage.write_bytes
+three shards of results are held at a time (one computing, one queued, one being written), and each shard is written whole (storage.write_bytes
 is atomic) as soon as it is complete. variant.json, written last, lists the shards and marks the
 variant complete: a crashed run leaves no variant.json, and readers only trust listed shards.
 """
@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +127,9 @@ def run(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri:
     start, done, last_log = time.monotonic(), 0, 0.0
     shards: dict[str, list[str]] = {fold: [] for fold in nd.FOLDS}
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) if workers > 1 else None
+    # One writer thread: shard n is encoded and written (GIL released in crc32 and file/network I/O)
+    # while shard n+1 is computed; waiting for it before the next keeps memory at two shards.
+    writer, written = ThreadPoolExecutor(1, thread_name_prefix="shard-writer"), None
     try:
         chunksize = 4
         pending = None  # the next shard is queued while this one is written: at most two in memory
@@ -137,8 +141,10 @@ def run(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri:
                 pending = pool.map_async(prepare_one, plan[i + 1][3], chunksize) if i + 1 < len(plan) else None
                 images = result.get()
             name = f"shard-{s:05d}.npz"
-            nd.write_shard(storage.join(out_uri, fold, name), np.stack(images),
-                           [r["target"] for r in rows], [r["id"] for r in rows])
+            if written is not None:
+                written.result()  # raises if the previous write failed
+            written = writer.submit(nd.write_shard, storage.join(out_uri, fold, name), np.stack(images),
+                                    [r["target"] for r in rows], [r["id"] for r in rows])
             shards[fold].append(name)
             done += len(rows)
             now = time.monotonic() - start
@@ -149,7 +155,10 @@ def run(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri:
                 logger.info("preprocess %dpx mask=%s: %s shard %d, %d/%d images, %.1f images/s, ETA %.0f s",
                             config.pixels, config.mask, fold, s + 1, done, total, rate,
                             (total - done) / rate if rate else 0.0)
+        if written is not None:
+            written.result()
     finally:
+        writer.shutdown(wait=True)
         if pool:
             pool.terminate()  # every result is in hand (or a job failed): nothing left to wait for
             pool.join()

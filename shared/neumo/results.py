@@ -86,13 +86,13 @@ APPEND_TIMEOUT_S = 120.0
 
 def _append_gcs(uri: str, rows: list[dict], columns: list[str]) -> None:
     deadline = time.monotonic() + APPEND_TIMEOUT_S
-    attempt = 0
+    attempt, tried = 0, None
     while True:
         old, generation = storage.read_with_generation(uri)
-        new = _appended(uri, old or b"", rows, columns)
-        if attempt and old is not None and old.startswith(new):
-            return  # our earlier write landed although its reply was lost (then 412): not twice
-        if storage.write_if_generation(uri, new, generation):
+        if tried is not None and old is not None and old.startswith(tried):
+            return  # our last write landed although its reply was lost (the retry then got 412): not twice
+        tried = _appended(uri, old or b"", rows, columns)
+        if storage.write_if_generation(uri, tried, generation):
             return
         attempt += 1
         if time.monotonic() > deadline:

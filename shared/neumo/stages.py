@@ -62,11 +62,20 @@ def ingest_report_markdown(summary: dict) -> str:
 
 # --- plan -----------------------------------------------------------------------------------
 
-def plan(search_space: dict, manifest_dir: str, mask_model_uri: str = "") -> list[dict]:
-    """Validate the search space against the data; the (pixels, mask) variants to prepare."""
+def plan(search_space: dict, manifest_dir: str, mask_model_uri: str = "", depth: int = 4,
+         results_uri: str = "") -> list[dict]:
+    """Validate the search space against the data and the U-Net depth, and check the results URI
+    is writable, before any GPU time; the (pixels, mask) variants to prepare."""
     from neumo.tuning import SearchSpace
 
     space = SearchSpace.from_dict(search_space)
+    factor = 2 ** int(depth)
+    bad = [p for p in space.pixels if p % factor]
+    if bad:
+        raise ValueError(f"search_space.pixels {bad}: pixels must be a positive multiple of 2**depth={factor} "
+                         f"(depth={depth}); lower depth or use larger pixels")
+    if results_uri:
+        storage.check_writable(results_uri)  # a missing results bucket fails now, not at aggregate
     summary = _read_json(storage.join(manifest_dir, "summary.json"))
     if any(space.mask) and not summary["with_mask"] and not mask_model_uri:
         raise ValueError("search_space.mask includes true, but no image has a lung mask and no mask_model_uri was given")

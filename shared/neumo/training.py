@@ -17,7 +17,7 @@ import numpy as np
 
 from neumo import data as nd
 from neumo import evaluation, models, storage
-from neumo.tuning import AUGMENTATIONS, LOSSES
+from neumo.tuning import ALLOWED_PIXELS, AUGMENTATIONS, LOSSES
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,8 @@ class TrialConfig:
             raise ValueError(f"trial configuration lacks {err.args[0]!r}") from err
         if cfg.model not in (1, 2):
             raise ValueError(f"model must be 1 or 2, got {cfg.model}")
+        if cfg.pixels not in ALLOWED_PIXELS:
+            raise ValueError(f"pixels must be one of {ALLOWED_PIXELS}, got {cfg.pixels}")
         if not cfg.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}")
         if cfg.loss not in LOSSES:
