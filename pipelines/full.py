@@ -28,6 +28,7 @@ from components import images  # noqa: E402
 from components.aggregate.component import aggregate  # noqa: E402
 from components.catalog.component import catalog  # noqa: E402
 from components.evaluate.component import evaluate  # noqa: E402
+from components.fingerprint.component import fingerprint  # noqa: E402
 from components.ingest.component import ingest  # noqa: E402
 from components.mask.component import mask  # noqa: E402
 from components.plan.component import plan  # noqa: E402
@@ -40,7 +41,7 @@ from pipelines.placement import Placement, place, set_image  # noqa: E402
 
 logger = logging.getLogger("neumo.pipeline")
 
-CPU_COMPONENTS = (ingest, plan, preprocess, catalog, suggest, aggregate)
+CPU_COMPONENTS = (fingerprint, ingest, plan, preprocess, catalog, suggest, aggregate)
 GPU_COMPONENTS = (train_mask_model, mask, pretrain, train, evaluate)
 
 # The seed's search space (../shared/docs/ARCHITECTURE.md) plus class weighting.
@@ -92,8 +93,11 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
         bootstrap: int = 1000,
         seed: int = 0,
     ):
+        # Uncached: lists the data each run, so a changed file reruns ingest and all after it.
+        version = place(fingerprint(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri),
+                        placement).set_caching_options(False)
         data = place(ingest(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri,
-                            sample_per_class=sample_per_class, seed=seed), placement)
+                            sample_per_class=sample_per_class, seed=seed, data_fingerprint=version.output), placement)
         manifest = data.outputs["manifest"]
         planned = place(plan(search_space=search_space, manifest=manifest, mask_model_uri=mask_model_uri, depth=depth,
                              results_uri=results_uri), placement)
@@ -115,7 +119,9 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
             earlier = {"history_in": history} if history is not None else {}
             proposal = place(suggest(search_space=search_space, finished=finished, batch_size=trials, seed=seed,
                                      round_index=round_index, results_uri=results_uri, **earlier), placement)
-            proposal.set_display_name(f"suggest-round-{round_index}")
+            # Uncached: round 0 reads the training CSV at results_uri, so a scheduled run continues the
+            # search; for the same history it proposes the same batch, whose finished trials are cache hits.
+            proposal.set_display_name(f"suggest-round-{round_index}").set_caching_options(False)
             with dsl.ParallelFor(proposal.outputs["Output"], parallelism=parallelism) as config:
                 trial = place(train(config=config, variants=variants, epochs=epochs, batch_size=batch_size,
                                     patience=patience, clahe_clip=clahe_clip, seed=seed,

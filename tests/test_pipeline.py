@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 
-STAGES = {"ingest", "plan", "train-mask-model", "mask", "preprocess", "pretrain", "catalog", "suggest", "train",
+STAGES = {"fingerprint", "ingest", "plan", "train-mask-model", "mask", "preprocess", "pretrain", "catalog", "suggest", "train",
           "evaluate", "aggregate"}
 GPU_STAGES = {"train-mask-model", "mask", "pretrain", "train", "evaluate"}
 
@@ -70,6 +70,17 @@ def test_rounds_are_suggest_parallelfor_collected_with_retries(tmp_path):
             assert task["retryPolicy"]["maxRetryCount"] == 2
     assert "finished" not in root["suggest"]["inputs"]["parameters"] or \
         root["suggest"]["inputs"]["parameters"]["finished"].get("runtimeValue")
+
+
+def test_caching_follows_the_data(tmp_path):
+    """The fingerprint of the data runs uncached and feeds ingest's cache key; suggest is uncached
+    (it reads the results CSV); the rest is cached."""
+    spec, _ = _compile(tmp_path)
+    root = spec["root"]["dag"]["tasks"]
+    assert root["fingerprint"]["cachingOptions"] == {} and root["suggest"]["cachingOptions"] == {}
+    assert root["ingest"]["cachingOptions"] == {"enableCache": True}
+    source = root["ingest"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
+    assert source["producerTask"] == "fingerprint"
 
 
 def test_accelerators_on_gpu_tasks_only(tmp_path):

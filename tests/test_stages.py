@@ -84,3 +84,18 @@ def test_failed_row_has_the_reason_and_the_configuration():
     row = stages.failed_row({"pixels": 64.0, "model": 2, "round": 1.0, "trial": 3.0}, "ValueError: boom")
     assert row["status"] == "failed" and row["error"] == "ValueError: boom"
     assert (row["round"], row["trial"], row["model"]) == (1, 3, 2)
+
+
+def test_fingerprint_changes_with_the_data_only(tmp_path, gcs_bucket):
+    from neumo import storage
+
+    for base in (str(tmp_path / "d"), f"gs://{gcs_bucket}/d"):
+        storage.write_bytes(storage.join(base, "train/NORMAL/a.png"), b"one")
+        storage.write_bytes(storage.join(base, "train/NORMAL/b.png"), b"two")
+        first = stages.fingerprint(base)
+        assert stages.fingerprint(base) == first  # unchanged data: same key, the cache is reused
+        storage.write_bytes(storage.join(base, "train/NORMAL/b.png"), b"three")
+        assert stages.fingerprint(base) != first  # a changed file: a new key, ingest reruns
+        second = stages.fingerprint(base)
+        storage.write_bytes(storage.join(base, "train/NORMAL/c.png"), b"new")
+        assert stages.fingerprint(base) != second

@@ -13,11 +13,13 @@ def ingest(
     pretrain_uri: str = "",
     sample_per_class: int = 0,
     seed: int = 0,
+    data_fingerprint: str = "",
 ):
     """Ingest and validate a chest X-ray dataset (Kaggle split/CLASS/file layout, folder or gs://),
     plus optional lung masks and an unlabelled pretraining set (NIH flat layout). Writes the
     manifest (id, split, fold, label, patient id, size, checksum, mask) with a seeded patient-level
-    0.8/0.2 train/valid split, and a report accounting for every file."""
+    0.8/0.2 train/valid split, and a report accounting for every file. `data_fingerprint` (from the
+    fingerprint stage) makes the cache key change whenever the data does."""
     import logging
 
     from neumo import stages
@@ -28,5 +30,6 @@ def ingest(
                           sample_per_class=sample_per_class, seed=seed)
     summary = stages.ingest(config, manifest.path)
     manifest.metadata.update({k: summary[k] for k in ("files", "accepted", "rejected", "duplicate", "data_version")})
+    manifest.metadata["data_fingerprint"] = data_fingerprint
     with open(report.path, "w") as fh:
         fh.write(stages.ingest_report_markdown(summary))

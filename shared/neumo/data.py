@@ -120,29 +120,53 @@ def load_fold(uri: str, fold: str) -> Fold:
     )
 
 
+#: Augmentation strengths: rotation (fraction of a full turn), shift and zoom (fractions of the
+#: image side), gamma (log-range of the random exponent).
+_AUG_RANGES = {"light": (0.014, 0.05, 0.05, 0.1), "strong": (0.028, 0.1, 0.12, 0.3)}
+
+
 def augmenter(kind: str, seed: int):
-    """A Keras preprocessing block for float images in 0..255, or None for "none".
+    """A batch augmentation for float32 (B, p, p, 1) images in 0..255 (same shape out), or None for "none".
 
-    Geometric changes (small rotations, shifts, zoom) and a random gamma; no left-right flip
-    (the heart sits on the left: a flipped chest is not a plausible X-ray). Brightness and
-    contrast shifts would be undone by the per-image z-score, so gamma (non-linear) stands in.
+    Geometric changes (small rotations, shifts, zoom, drawn per image and applied as ONE affine
+    resampling, bilinear, zero fill) and a random gamma; no left-right flip (the heart sits on the
+    left: a flipped chest is not a plausible X-ray). Brightness and contrast shifts would be undone
+    by the per-image z-score, so gamma (non-linear) stands in. The same ranges as Keras'
+    RandomRotation/RandomTranslation/RandomZoom, at a third of their cost (one resampling, not three).
     """
-    import keras
-
     if kind not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {kind!r}")
     if kind == "none":
         return None
-    rot, shift, zoom, gamma = (0.014, 0.05, 0.05, 0.1) if kind == "light" else (0.028, 0.1, 0.12, 0.3)
-    geometric = keras.Sequential(
-        [
-            keras.layers.RandomRotation(rot, fill_mode="constant", seed=seed),
-            keras.layers.RandomTranslation(shift, shift, fill_mode="constant", seed=seed + 1),
-            keras.layers.RandomZoom(zoom, fill_mode="constant", seed=seed + 2),
-        ],
-        name=f"augment_{kind}",
-    )
-    return geometric, gamma
+    rot, shift, zoom, gamma = _AUG_RANGES[kind]
+
+    def augment(x):
+        import math
+
+        import tensorflow as tf
+
+        shape = tf.shape(x)
+        b, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+
+        def draw(k, lo, hi):
+            return tf.random.uniform((b,), lo, hi, seed=seed + k)
+
+        angle = draw(0, -rot, rot) * 2.0 * math.pi
+        tx, ty = draw(1, -shift, shift) * w, draw(2, -shift, shift) * h
+        scale = 1.0 + draw(3, -zoom, zoom)  # > 1 samples a larger area: zooms out
+        cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
+        cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+        # output pixel (x, y) reads input ((cos, -sin), (sin, cos)) @ (x - cx, y - cy) + (cx, cy) - (tx, ty)
+        transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy - tx,
+                               sin, cos, cy - sin * cx - cos * cy - ty,
+                               tf.zeros_like(cos), tf.zeros_like(cos)], axis=1)
+        x = tf.raw_ops.ImageProjectiveTransformV3(
+            images=x, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="CONSTANT")
+        g = tf.exp(draw(4, -gamma, gamma))[:, None, None, None]
+        return 255.0 * tf.pow(tf.clip_by_value(x / 255.0, 0.0, 1.0), g)
+
+    return augment
 
 
 def _batches(ds, batch_size: int, augmentation: str, seed: int, targets_as_images: bool, weigh=None):
@@ -161,10 +185,7 @@ def _batches(ds, batch_size: int, augmentation: str, seed: int, targets_as_image
     def transform(x, y, *w):
         x = tf.cast(x, tf.float32)
         if aug is not None:
-            geometric, gamma = aug
-            x = geometric(x, training=True)
-            g = tf.exp(tf.random.uniform((tf.shape(x)[0], 1, 1, 1), -gamma, gamma, seed=seed))
-            x = 255.0 * tf.pow(tf.clip_by_value(x / 255.0, 0.0, 1.0), g)
+            x = aug(x)
         x = zscore_tf(x[..., 0])
         if weigh is not None:
             w = (weigh(y),)

@@ -29,7 +29,21 @@ def _read_json(path: str):
     return json.loads(storage.read_text(path))
 
 
-# --- ingest ---------------------------------------------------------------------------------
+# --- fingerprint, ingest --------------------------------------------------------------------
+
+def fingerprint(*uris: str) -> str:
+    """A short hash of what lies under the given folders (relative names, sizes, versions)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for base in uris:
+        if not base:
+            continue
+        h.update(f"{base}\n".encode())
+        for uri, size, version in storage.list_versions(base):
+            h.update(f"{storage.relative(uri, base)}\t{size}\t{version}\n".encode())
+    return h.hexdigest()[:16]
+
 
 def ingest(config: ni.IngestConfig, out_dir: str) -> dict:
     """Manifest, per-file report and summary of a dataset (+ optional unlabelled set) in out_dir."""
