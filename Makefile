@@ -84,3 +84,8 @@ $(VENV)/bin/kubernetes-validate: $(VENV)/.installed
 
 manifests-check: $(VENV)/bin/kubernetes-validate
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest tests/test_manifests.py -q -rs
+
+# Benchmarks of every stage (figures and ratios measured in one run; see benchmarks/README.md).
+.PHONY: bench
+bench: venv
+	$(PY) -m benchmarks.run $(BENCH_ARGS)

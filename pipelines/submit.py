@@ -6,8 +6,8 @@
 
 Talks to the KFP v2 REST API through `kfp.Client` only (healthz, experiments, runs, recurring
 runs): the whole compiled YAML (pipeline spec and platform spec) travels inside the request, so no
-pipeline is uploaded first. Authentication: the bearer token in $KF_PIPELINES_TOKEN when set (for
-example `gcloud auth print-access-token` behind IAP), otherwise whatever `kfp.Client` finds by
+pipeline is uploaded first. Authentication: the bearer token in $KF_PIPELINES_TOKEN when set (what
+the proxy in front of KFP accepts, e.g. an IAP ID token), otherwise whatever `kfp.Client` finds by
 itself (a port-forwarded host needs none). Needs only `kfp`.
 """
 

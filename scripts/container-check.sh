@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Proof that the CPU image works, on a machine with no Docker engine and no registry (`make container-check`).
+# Proof that the CPU image works, on a machine with no Docker engine and no registry
+# (`make container-check`):
 #
 #   1. tools      buildah, podman, runc, debootstrap from apt when missing (needs root)
 #   2. base       Debian bookworm (python3.11 + venv) by debootstrap, `podman import`ed; cached
-#   3. build      images/cpu/Dockerfile with buildah (chroot isolation, vfs storage) on that base
+#   3. build      images/cpu/Dockerfile with buildah (chroot isolation) on that base
 #   4. inspect    labels, user, env, imports, `pip check` inside the image
 #   5. stage      `podman run` real stages: neumo synthetic + neumo ingest, output JSON checked
 #   6. pipeline   kfp.local DockerRunner over `podman system service`: the real ingest component
 #                 from components/, run as a container (CONTAINER_CHECK_PIPELINE=0 skips)
-# STEPS="stage pipeline" reruns only those steps (on the image already built).
+#   7. full       only with CONTAINER_CHECK_FULL=1: the whole pipeline on tiny data through
+#                 DockerRunner, every task a container (GPU stages on the CPU image)
+# STEPS="stage pipeline" runs only those steps (on the image already built).
 #
-# Everything lives under $WORK (default work/container-check, removed by `make clean`): its own
-# container storage (overlay when the kernel allows it, else vfs), so nothing touches the
-# machine's other images. Each step's time is printed at
-# the end and written to $WORK/timings.txt. Knobs: DEBIAN_MIRROR, PIP_MIRROR (a local simple index
-# folder mounted into the build, default /opt/pypi when present), REBUILD_BASE=1.
+# Everything lives under $WORK (default work/container-check, removed by `make clean`), with its
+# own container storage (overlay when the kernel allows it, else vfs), so nothing touches the
+# machine's other images. Each step's time is printed at the end and written to
+# $WORK/timings.txt. Knobs: DEBIAN_MIRROR, PIP_MIRROR (a local simple index folder mounted into
+# the build, default /opt/pypi when present), CA_BUNDLE, STORAGE_DRIVER, REBUILD_BASE=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

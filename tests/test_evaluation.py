@@ -59,3 +59,25 @@ def test_bootstrap_intervals_contain_the_point_estimate():
 def test_bad_inputs_raise(targets, probs):
     with pytest.raises(ValueError):
         evaluation.metrics(targets, probs)
+
+
+def test_mcnemar_counts_discordant_pairs():
+    t = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 0])
+    a = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 1])  # 8 right
+    b = np.array([0, 0, 0, 1, 0, 0, 0, 0, 1, 0])  # 7 right
+    r = evaluation.mcnemar(t, a, b)
+    assert (r["only_a_right"], r["only_b_right"]) == (3, 2)
+    assert r["p_value"] == pytest.approx(1.0)
+    strong = evaluation.mcnemar(np.ones(30), np.ones(30), np.zeros(30))
+    assert strong["p_value"] < 1e-6
+
+
+def test_paired_bootstrap_auc_detects_a_better_model():
+    rng = np.random.default_rng(2)
+    t = rng.integers(0, 2, 300)
+    good = np.clip(rng.normal(0.3 + 0.4 * t, 0.15), 0, 1)
+    weak = np.clip(rng.normal(0.45 + 0.1 * t, 0.2), 0, 1)
+    r = evaluation.paired_bootstrap_auc(t, good, weak, n=400)
+    assert r["low"] <= r["difference"] <= r["high"] and r["low"] > 0 and r["p_value"] < 0.01
+    same = evaluation.paired_bootstrap_auc(t, good, good, n=100)
+    assert same["difference"] == 0 and same["p_value"] == 1.0

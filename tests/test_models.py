@@ -49,7 +49,7 @@ def test_classifier_taps_found_by_name(head):
     assert clf.output_shape == (None, 1)
     out = clf.predict(np.random.default_rng(0).normal(size=(2, 64, 64, 1)).astype("float32"), verbose=0)
     assert out.shape == (2, 1) and np.all((out > 0) & (out < 1))
-    layer_names = {layer.name for layer in clf.layers}
+    layer_names = {layer.name for layer in clf.get_layer("head").layers}
     if head == 1:
         assert {"tap1_se_scale", "tap2_se_scale", "tap3_se_scale", "tap3_dense"} <= layer_names
     else:
@@ -85,3 +85,19 @@ def test_a_few_training_steps_reduce_the_loss():
     clf.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
     losses = clf.fit(x, y, batch_size=8, epochs=15, verbose=0).history["loss"]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_grad_cam_maps_have_the_image_shape():
+    clf = models.build_classifier(models.build_backbone(models.build_unet(64, 3, 4)), 1)
+    x = np.random.default_rng(0).normal(size=(3, 64, 64, 1)).astype("float32")
+    cam = models.grad_cam(clf, x)
+    assert cam.shape == (3, 64, 64) and cam.min() >= 0 and cam.max() <= 1 + 1e-6
+
+
+def test_classifier_survives_a_save_and_safe_load(tmp_path):
+    clf = models.build_classifier(models.build_backbone(models.build_unet(64, 3, 4)), 2)
+    clf.save(tmp_path / "c.keras")
+    again = keras.saving.load_model(tmp_path / "c.keras", safe_mode=True, compile=False)
+    x = np.ones((1, 64, 64, 1), "float32")
+    np.testing.assert_allclose(again.predict(x, verbose=0), clf.predict(x, verbose=0), atol=1e-6)
+    assert models.grad_cam(again, x).shape == (1, 64, 64)

@@ -16,8 +16,9 @@ import yaml
 from pipelines import full
 from pipelines.placement import Placement
 
-GPU_STAGES = {"train-mask-model", "mask", "pretrain", "train", "evaluate"}
-CPU_STAGES = {"ingest", "plan", "preprocess", "catalog", "suggest", "aggregate"}
+# The pipeline's own lists decide; the stages named in the design must be among them.
+GPU_STAGES = {c.name for c in full.GPU_COMPONENTS}
+CPU_STAGES = {c.name for c in full.CPU_COMPONENTS}
 REGISTRY, TAG = "registry.example/team", "t-0a1b2c3-dirty"
 SELECTOR = ("cloud.google.com/gke-accelerator", "nvidia-l4")
 GPU_LIMIT, RETRIES = 2, 3
@@ -46,9 +47,14 @@ def _tasks(spec: dict) -> list[tuple[str, dict, str]]:
     return out
 
 
-def test_every_stage_is_in_the_graph(compiled):
+def test_the_design_stages_are_on_the_right_kind_of_node():
+    assert {"train-mask-model", "mask", "pretrain", "train", "evaluate"} <= GPU_STAGES
+    assert {"ingest", "plan", "preprocess", "catalog", "suggest", "aggregate"} <= CPU_STAGES
+
+
+def test_every_stage_is_in_the_graph_on_exactly_one_kind_of_node(compiled):
     stages = {stage for stage, _, _ in _tasks(compiled[0])}
-    assert stages == GPU_STAGES | CPU_STAGES
+    assert stages == GPU_STAGES | CPU_STAGES and not GPU_STAGES & CPU_STAGES
 
 
 def test_gpu_stages_get_accelerator_node_selector_toleration_and_retries(compiled):

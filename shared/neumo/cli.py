@@ -106,7 +106,7 @@ def _evaluate(a):
     record = stages.evaluate(a.model, a.catalog, _json_arg("@" + a.train_row), a.out, a.bootstrap)
     if a.history:
         with open(a.history, "a") as fh:
-            fh.write(json.dumps({"train": record["train"], "eval": record["eval"]}) + "\n")
+            fh.write(json.dumps({k: record[k] for k in ("train", "eval", "figures_uri")}) + "\n")
     return record["eval"]
 
 

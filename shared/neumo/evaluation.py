@@ -103,3 +103,38 @@ def bootstrap(targets, probs, threshold: float, n: int = 1000, seed: int = 0, le
         v = v[~np.isnan(v)]
         out[k] = (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if v.size else (float("nan"), float("nan"))
     return out
+
+
+def mcnemar(targets, pred_a, pred_b) -> dict:
+    """McNemar's exact test on paired decisions: b = only A right, c = only B right; two-sided p."""
+    from scipy.stats import binomtest
+
+    t = np.asarray(targets).astype(int).ravel()
+    a = np.asarray(pred_a).astype(int).ravel() == t
+    b = np.asarray(pred_b).astype(int).ravel() == t
+    if not (t.shape == a.shape == b.shape):
+        raise ValueError("targets and both prediction sets must have the same length")
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_a_right": only_a, "only_b_right": only_b, "p_value": float(p),
+            "accuracy_a": float(a.mean()) if a.size else float("nan"),
+            "accuracy_b": float(b.mean()) if b.size else float("nan")}
+
+
+def paired_bootstrap_auc(targets, probs_a, probs_b, n: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """AUC(A) - AUC(B) with a paired percentile bootstrap interval (the same resampled images for
+    both) and a two-sided bootstrap p-value for "no difference"."""
+    t, pa = _check(targets, probs_a)
+    _, pb = _check(targets, probs_b)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n):
+        idx = rng.integers(0, t.size, t.size)
+        d = auc(t[idx], pa[idx]) - auc(t[idx], pb[idx])
+        if not np.isnan(d):
+            diffs.append(d)
+    diffs = np.asarray(diffs)
+    lo, hi = np.percentile(diffs, [(1 - level) / 2 * 100, (1 + level) / 2 * 100]) if diffs.size else (np.nan, np.nan)
+    p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))) if diffs.size else float("nan")
+    return {"auc_a": auc(t, pa), "auc_b": auc(t, pb), "difference": auc(t, pa) - auc(t, pb),
+            "low": float(lo), "high": float(hi), "p_value": float(p)}

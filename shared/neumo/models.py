@@ -134,15 +134,15 @@ def attention_head(x, filters: int, name: str):
     return layers.Dense(128, activation="relu", name=f"{name}_dense")(x)
 
 
-def build_classifier(backbone: keras.Model, model: int = 1, dropout: float = 0.3) -> keras.Model:
-    """Pneumonia classifier on a backbone with three tap outputs; sigmoid probability out.
+def build_head(tap_shapes, model: int = 1, dropout: float = 0.3) -> keras.Model:
+    """The task head on the three tap feature maps; sigmoid probability out.
 
     model 1: attention_head on each tap, concatenated, dense 64, dropout, dense 1.
     model 2: each tap global-max-pooled, concatenated, dropout, dense 1 (no attention).
     """
     if model not in (1, 2):
         raise ValueError(f"model must be 1 or 2, got {model!r}")
-    taps = backbone(backbone.input)
+    taps = [keras.Input(tuple(shape[1:]), name=f"tap{i}") for i, shape in enumerate(tap_shapes, 1)]
     if model == 1:
         feats = [attention_head(t, t.shape[-1], f"tap{i}") for i, t in enumerate(taps, 1)]
     else:
@@ -152,4 +152,33 @@ def build_classifier(backbone: keras.Model, model: int = 1, dropout: float = 0.3
         x = layers.Dense(64, activation="relu", name="head_dense")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     out = layers.Dense(1, activation="sigmoid", name="pneumonia", dtype="float32")(x)
-    return keras.Model(backbone.input, out, name=f"classifier{model}")
+    return keras.Model(taps, out, name="head")
+
+
+def build_classifier(backbone: keras.Model, model: int = 1, dropout: float = 0.3) -> keras.Model:
+    """Pneumonia classifier: the backbone (pretrained encoder, three taps) wrapped by head 1 or 2.
+
+    Both are nested models named "backbone" and "head", so the tap feature maps stay reachable
+    (Grad-CAM reads the deepest one).
+    """
+    head = build_head([t.shape for t in backbone.outputs], model, dropout)
+    image = keras.Input(backbone.input.shape[1:], name="image")
+    return keras.Model(image, head(backbone(image)), name=f"classifier{model}")
+
+
+def grad_cam(classifier: keras.Model, images, tap: int = 2):
+    """Grad-CAM heatmaps (N, p, p) in 0..1 for z-scored images (N, p, p, 1): where the encoder's
+    `tap` feature map (0-based, of the three) drives the pneumonia probability up."""
+    import tensorflow as tf
+
+    backbone, head = classifier.get_layer("backbone"), classifier.get_layer("head")
+    x = tf.convert_to_tensor(images, tf.float32)
+    with tf.GradientTape() as tape:
+        taps = backbone(x, training=False)
+        tape.watch(taps[tap])
+        prob = head(taps, training=False)
+    grads = tape.gradient(prob, taps[tap])
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * taps[tap], axis=-1))
+    cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-8)
+    return tf.image.resize(cam[..., None], x.shape[1:3])[..., 0].numpy()

@@ -29,9 +29,10 @@ TRAIN_COLUMNS = [
     "model_uri", "data_version", "git_revision", "image", "seed", "finished_at",
 ]
 EVAL_COLUMNS = [
-    "run_id", "round", "trial", "model_uri", "split", "n", "loss", "accuracy", "auc", "auc_low",
-    "auc_high", "sensitivity", "specificity", "precision", "f1", "tn", "fp", "fn", "tp", "threshold",
-    "finished_at",
+    "run_id", "round", "trial", "model_uri", "split", "n", "loss", "accuracy", "accuracy_low", "accuracy_high",
+    "auc", "auc_low", "auc_high", "sensitivity", "sensitivity_low", "sensitivity_high", "specificity",
+    "specificity_low", "specificity_high", "precision", "precision_low", "precision_high", "f1", "f1_low",
+    "f1_high", "tn", "fp", "fn", "tp", "threshold", "finished_at",
 ]
 HYPERPARAMETERS = ["pixels", "mask", "model", "frozen_layers", "learning_rate", "loss", "augmentation",
                    "class_weight"]
@@ -213,8 +214,9 @@ def _eval_key(row: Mapping) -> tuple:
     return tuple(str(row.get(k, "")) for k in ("run_id", "round", "trial"))
 
 
-def write_report(path: str, train_rows: list[dict], eval_rows: list[dict]) -> None:
-    """A self-contained HTML report (plots embedded as PNG) of every trial and its evaluations."""
+def write_report(path: str, train_rows: list[dict], eval_rows: list[dict], figures: dict[str, bytes] | None = None) -> None:
+    """A self-contained HTML report (plots embedded as PNG) of every trial and its evaluations;
+    `figures` ({caption: PNG bytes}, e.g. the best model's ROC and Grad-CAM) are shown too."""
     rows = list(train_rows)
     finished = [r for r in rows if _num(r.get("score")) is not None]
     failed = [r for r in rows if _num(r.get("score")) is None]
@@ -239,6 +241,12 @@ def write_report(path: str, train_rows: list[dict], eval_rows: list[dict]) -> No
                       + [_fmt(e.get(c)) for c in EVAL_SHOWN] for e in sorted(found, key=lambda e: str(e.get("split")))]
         out.append("<h3>Evaluation of the leaderboard models, by split</h3>")
         out.append(_table(["rank", "trial", "split"] + EVAL_SHOWN, evals) if evals else "<p>No evaluations.</p>")
+        if figures:
+            out.append("<h2>The best model</h2>")
+            for caption, png in figures.items():
+                data = base64.b64encode(png).decode("ascii")
+                out.append(f'<h3>{html.escape(caption)}</h3><img alt="{html.escape(caption)}" '
+                           f'src="data:image/png;base64,{data}">')
         out += ["<h2>Progress and hyperparameters</h2>", _plots(rows)]
     else:
         out[-1] += "</p><p><strong>No finished trials.</strong></p>"

@@ -338,10 +338,12 @@ def _read_json_safe(uri: str) -> dict:
 EVAL_SPLITS = ("test", "val", "test+val", "valid")
 
 
-def evaluate(model_dir: str, catalog_path: str, train_row: dict, out_dir: str, bootstrap: int = 1000) -> dict:
+def evaluate(model_dir: str, catalog_path: str, train_row: dict, out_dir: str, bootstrap: int = 1000,
+             out_uri: str = "") -> dict:
     """Metrics of a trained trial on each split the seed used (test, val, test+val) plus our
     patient-level validation fold, at the stored threshold; per-image predictions; ROC data.
-    Returns the trial record {"train": row, "eval": [rows], "roc": {...}}."""
+    Returns the trial record {"train": row, "eval": [rows], "figures_uri": where the PNGs are
+    (out_uri, else out_dir), "roc": {...}}."""
     import keras
 
     from neumo import data as nd
@@ -366,7 +368,9 @@ def evaluate(model_dir: str, catalog_path: str, train_row: dict, out_dir: str, b
             "run_id": train_row.get("run_id", ""), "round": train_row.get("round", ""), "trial": train_row.get("trial", ""),
             "model_uri": train_row.get("model_uri", ""), "split": split, **{k: m[k] for k in (
                 "n", "loss", "accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "tn", "fp", "fn", "tp",
-                "threshold")}, "auc_low": ci["auc"][0], "auc_high": ci["auc"][1],
+                "threshold")},
+            **{f"{k}_{side}": ci[k][j] for k in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")
+               for j, side in enumerate(("low", "high"))},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
         if "+" not in split:
@@ -377,9 +381,48 @@ def evaluate(model_dir: str, catalog_path: str, train_row: dict, out_dir: str, b
     os.makedirs(out_dir, exist_ok=True)
     storage.write_text(os.path.join(out_dir, "predictions.csv"),
                        ni.to_csv(predictions, ["id", "split", "target", "probability", "predicted"]))
-    record = {"train": train_row, "eval": eval_rows}
+    _figures(model, folds, probs, meta["threshold"], eval_rows, roc, out_dir)
+    record = {"train": train_row, "eval": eval_rows, "figures_uri": out_uri or out_dir}
     _write_json(os.path.join(out_dir, "evaluation.json"), {**record, "roc": roc})
     return {**record, "roc": roc}
+
+
+def _figures(model, folds: dict, probs: dict, threshold: float, eval_rows: list[dict], roc: dict, out_dir: str,
+             per_group: int = 3) -> None:
+    """roc.png, confusion.png and gradcam.png (a few right and wrong calls of each class, from the
+    first labelled split: clinicians would rather look than read)."""
+    from neumo import figures, imaging, models
+
+    if not eval_rows:
+        return
+    figures.roc_png(roc, {r["split"]: r["auc"] for r in eval_rows}, os.path.join(out_dir, "roc.png"))
+    figures.confusion_png(eval_rows, os.path.join(out_dir, "confusion.png"))
+    split = next(f for f in ("test", "val", "valid") if len(folds[f]))
+    fold, p = folds[split], probs[split]
+    correct = (p >= threshold) == (fold.targets == 1)
+    picks, titles = [], []
+    for target in (1, 0):
+        for right in (True, False):
+            for i in np.flatnonzero((fold.targets == target) & (correct == right))[:per_group]:
+                picks.append(int(i))
+                titles.append(f"{('NORMAL', 'PNEUMONIA')[target]} p={p[i]:.2f} {'right' if right else 'WRONG'}")
+    if picks:
+        x = imaging.zscore(fold.images[picks])
+        figures.gradcam_png(fold.images[picks], models.grad_cam(model, x), titles, os.path.join(out_dir, "gradcam.png"))
+
+
+def _best_figures(ok_records: list[dict]) -> dict[str, bytes]:
+    """The best trial's ROC, confusion and Grad-CAM PNGs (those that can be read)."""
+    if not ok_records:
+        return {}
+    best = max(ok_records, key=lambda r: float(r["train"]["score"]))
+    base, found = best.get("figures_uri", ""), {}
+    for name, caption in (("roc.png", "ROC"), ("confusion.png", "Confusion matrices"),
+                          ("gradcam.png", "Grad-CAM: where the model looks, right and wrong calls")):
+        uri = storage.join(base, name) if base else ""
+        if uri and storage.exists(uri):
+            found[f"{caption} (round {best['train'].get('round')}, trial {best['train'].get('trial')})"] = storage.read_bytes(uri)
+    return found
 
 
 def failed_row(config: dict, error: str, run_id: str = "", seed: int = 0) -> dict:
@@ -409,10 +452,10 @@ def aggregate(history_in: str, finished: list[str], results_uri: str, out_dir: s
     os.makedirs(out_dir, exist_ok=True)
     results.append_rows(os.path.join(out_dir, results.TRAIN_CSV), train_rows, results.TRAIN_COLUMNS)
     results.append_rows(os.path.join(out_dir, results.EVAL_CSV), eval_rows, results.EVAL_COLUMNS)
-    results.write_report(os.path.join(out_dir, "report.html"), train_rows, eval_rows)
+    ok = [r for r in records if r["train"].get("status") == "ok"]
+    results.write_report(os.path.join(out_dir, "report.html"), train_rows, eval_rows, _best_figures(ok))
     # Written first, checked after: the rows of a failed last round are kept too.
     _check_round(finished, int(records[-1]["train"].get("round", 0)) if records else 0)
-    ok = [r for r in train_rows if r.get("status") == "ok"]
-    best = max(ok, key=lambda r: float(r["score"])) if ok else None
+    best = max(ok, key=lambda r: float(r["train"]["score"]))["train"] if ok else None
     return {"trials": len(train_rows), "failed": len(train_rows) - len(ok),
             "best_score": float(best["score"]) if best else None, "best_model_uri": best["model_uri"] if best else ""}

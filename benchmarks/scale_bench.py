@@ -1,0 +1,124 @@
+"""Scale: wall time and peak memory of the preprocess stage and of one training epoch at 1x, 4x and
+16x the images (synthetic, small), each in a fresh child process (peak RSS = its ru_maxrss).
+
+    python -m benchmarks.scale_bench [--base 150] [--factors 1 4 16]
+
+Cost should grow linearly (s/image flat) and memory stay flat: preprocess streams shard by shard,
+and training reads shards through data.stream_dataset (cache off here, to show the streaming
+path; the in-memory path, load_fold + make_dataset, is measured beside it for contrast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from benchmarks.common import REPO, WORKDIR, report, setup
+
+SOURCE_PX, PIXELS, TRAIN_PX = 256, 128, 64
+
+CHILD = r"""
+import json, resource, sys, time
+task, arg = sys.argv[1], json.loads(sys.argv[2])
+import numpy as np
+from neumo import data as nd
+if task == "preprocess":
+    from neumo import preprocess
+    start = time.perf_counter()
+    preprocess.run(arg["rows"], preprocess.PreprocessConfig(pixels=arg["pixels"], workers=1,
+                   shard_bytes=arg["shard_bytes"]), arg["out"])
+else:
+    import keras
+    from neumo import models
+    keras.utils.set_random_seed(0)
+    clf = models.build_classifier(models.build_backbone(models.build_unet(arg["pixels"], 3, 8)), 2)
+    clf.compile(optimizer="adam", loss="binary_crossentropy")
+    if task == "stream":
+        ds = nd.stream_dataset(arg["variant"], "train", 32, "light", True, 0, cache_bytes=0)
+    else:
+        ds = nd.make_dataset(nd.load_fold(arg["variant"], "train"), 32, "light", True, 0)
+    clf.fit(ds.take(2), epochs=1, verbose=0)  # warm-up: traces the train step once
+    start = time.perf_counter()
+    clf.fit(ds, epochs=1, verbose=0)
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def child(task: str, arg: dict) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.path.join(REPO, "shared"))
+    out = subprocess.run([sys.executable, "-c", CHILD, task, json.dumps(arg)], capture_output=True, text=True,
+                         env=env, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{task} child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def resize_variant(variant: str, out: str, pixels: int) -> None:
+    """A copy of the train fold at `pixels` (the training scale runs at a small size)."""
+    import cv2
+    import numpy as np
+
+    from neumo import data as nd
+
+    info = nd.read_variant(variant)
+    for name in info["shards"]["train"]:
+        s = nd.read_shard(os.path.join(variant, "train", name))
+        small = np.stack([cv2.resize(im, (pixels, pixels), interpolation=cv2.INTER_AREA) for im in s.images])
+        nd.write_shard(os.path.join(out, "train", name), small, s.targets, list(s.ids))
+    with open(os.path.join(out, "variant.json"), "w") as fh:
+        json.dump({**info, "pixels": pixels}, fh)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=int, default=150, help="images at 1x")
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args(argv)
+    setup("scale")
+    from neumo import synthetic
+
+    os.makedirs(WORKDIR, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="scale-", dir=WORKDIR)
+    try:
+        src = os.path.join(root, "nih")
+        synthetic.write_nih(src, args.base, size=SOURCE_PX)
+        files = sorted(os.listdir(src))
+        shard_bytes = 32 * PIXELS * PIXELS  # 32-image shards: many shards even at 1x
+        first = {}
+        for k in args.factors:
+            n = args.base * k
+            rows = [{"id": f"c{i // len(files):03d}_{files[i % len(files)]}", "uri": os.path.join(src, files[i % len(files)]),
+                     "fold": "train", "target": i % 2} for i in range(n)]
+            variant = os.path.join(root, f"v{k}")
+            pre = child("preprocess", {"rows": rows, "pixels": PIXELS, "shard_bytes": shard_bytes, "out": variant})
+            small = os.path.join(root, f"t{k}")
+            resize_variant(variant, small, TRAIN_PX)
+            stream = child("stream", {"variant": small, "pixels": TRAIN_PX})
+            memory = child("memory", {"variant": small, "pixels": TRAIN_PX})
+            data_mb = n * PIXELS * PIXELS / 2**20
+            row = {"preprocess": pre, "stream": stream, "memory": memory}
+            first = first or {key: dict(v, n=n) for key, v in row.items()}
+            print(f"{k:3d}x = {n:5d} images ({data_mb:6.1f} MB stored at {PIXELS}px; training at {TRAIN_PX}px):")
+            for key, label in (("preprocess", "preprocess (1 worker)"), ("stream", "train epoch, streamed"),
+                               ("memory", "train epoch, in memory")):
+                v, f = row[key], first[key]
+                per = v["seconds"] / n * 1000
+                print(f"  {label:24s} {v['seconds']:7.2f} s = {per:6.2f} ms/image ({per / (f['seconds'] / f['n'] * 1000):.2f}x "
+                      f"the 1x figure); peak RSS {v['maxrss_mb']:7.1f} MB ({v['maxrss_mb'] - f['maxrss_mb']:+6.1f} MB vs 1x)")
+                report(bench="scale", factor=k, images=n, stage=key, seconds=round(v["seconds"], 2),
+                       ms_per_image=round(per, 3), maxrss_mb=round(v["maxrss_mb"], 1),
+                       rss_growth_mb=round(v["maxrss_mb"] - f["maxrss_mb"], 1), data_mb=round(data_mb, 1))
+            shutil.rmtree(variant, ignore_errors=True)
+            shutil.rmtree(small, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
