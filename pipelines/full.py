@@ -58,19 +58,21 @@ DEFAULTS = {
     "mask_pixels": 256, "mask_epochs": 10, "mask_max_images": 0,
     "pretrain_epochs": 10, "filters": 16, "depth": 4,
     "epochs": 10, "batch_size": 8, "patience": 3, "bootstrap": 1000, "seed": 0,
+    "config": {},  # one fixed trial configuration instead of tuning (pipelines/single.py)
 }
 
 
 def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, placement: "Placement | None" = None,
-                    cpu_image: str = images.CPU_IMAGE, gpu_image: str = images.GPU_IMAGE):
-    """Build the pipeline for a given graph shape; returns the KFP pipeline function."""
+                    cpu_image: str = images.CPU_IMAGE, gpu_image: str = images.GPU_IMAGE, name: str = "neumo-full"):
+    """Build the pipeline for a given graph shape; returns the KFP pipeline function. With the
+    `config` parameter set, the run trains that one configuration instead of tuning."""
     if rounds < 1 or trials < 1 or parallelism < 1:
         raise ValueError(f"rounds, trials and parallelism must be >= 1, got {rounds}, {trials}, {parallelism}")
     placement = placement or Placement()
     set_image(CPU_COMPONENTS, cpu_image)
     set_image(GPU_COMPONENTS, gpu_image)
 
-    @dsl.pipeline(name="neumo-full", description="Chest X-ray pneumonia: ingest, masks, preprocess, "
+    @dsl.pipeline(name=name, description="Chest X-ray pneumonia: ingest, masks, preprocess, "
                   "pretrain, Bayesian tuning of classifiers, evaluation, the seed's two CSVs.")
     def full(
         dataset_uri: str,
@@ -92,6 +94,7 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
         patience: int = 3,
         bootstrap: int = 1000,
         seed: int = 0,
+        config: dict = {},
     ):
         # Uncached: lists the data each run, so a changed file reruns ingest and all after it.
         version = place(fingerprint(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri),
@@ -100,7 +103,7 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
                             sample_per_class=sample_per_class, seed=seed, data_fingerprint=version.output), placement)
         manifest = data.outputs["manifest"]
         planned = place(plan(search_space=search_space, manifest=manifest, mask_model_uri=mask_model_uri, depth=depth,
-                             results_uri=results_uri), placement)
+                             results_uri=results_uri, config=config), placement)
         lung_model = place(train_mask_model(manifest=manifest, variants=planned.output,
                                             mask_model_uri=mask_model_uri, pixels=mask_pixels, epochs=mask_epochs,
                                             filters=filters, max_images=mask_max_images, seed=seed),
@@ -118,7 +121,8 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
         for round_index in range(rounds):
             earlier = {"history_in": history} if history is not None else {}
             proposal = place(suggest(search_space=search_space, finished=finished, batch_size=trials, seed=seed,
-                                     round_index=round_index, results_uri=results_uri, **earlier), placement)
+                                     round_index=round_index, results_uri=results_uri, config=config, **earlier),
+                             placement)
             # Uncached: round 0 reads the training CSV at results_uri, so a scheduled run continues the
             # search; for the same history it proposes the same batch, whose finished trials are cache hits.
             proposal.set_display_name(f"suggest-round-{round_index}").set_caching_options(False)
@@ -204,6 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="tuning rounds (compile time)")
     p.add_argument("--trials", type=int, default=2, help="trials per round (compile time)")
     p.add_argument("--parallelism", type=int, default=2, help="trials running at once (compile time)")
+    p.add_argument("--name", default="neumo-full", help="the pipeline's name (compile time)")
     p.add_argument("--registry", default=images.REGISTRY)
     p.add_argument("--image-tag", default=images.TAG)
     p.add_argument("--gpu-type", default=Placement.gpu_type)
@@ -240,7 +245,8 @@ def main(argv=None) -> int:
     placement = Placement(gpu_type=args.gpu_type, gpu_limit=args.gpu_limit, gpu_node_selector=(key, value),
                           retries=retries)
     pipeline = create_pipeline(args.rounds, args.trials, args.parallelism, placement,
-                               f"{args.registry}/neumo-cpu:{args.image_tag}", f"{args.registry}/neumo-gpu:{args.image_tag}")
+                               f"{args.registry}/neumo-cpu:{args.image_tag}", f"{args.registry}/neumo-gpu:{args.image_tag}",
+                               args.name)
 
     def user_params(params: dict) -> dict:
         """--params FILE, then each --set NAME=VALUE, over the given base."""

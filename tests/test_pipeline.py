@@ -1,6 +1,7 @@
 """The full pipeline: compiled structure, compiling with only kfp, and a whole local run."""
 
 import csv
+import json
 import subprocess
 import sys
 import textwrap
@@ -184,3 +185,24 @@ def test_whole_pipeline_runs_locally_and_a_second_run_continues(tmp_path):
         all_rows = list(csv.DictReader(fh))
     assert len(all_rows) == 6 and len({r["run_id"] for r in all_rows}) == 2
     assert len({tuple(r[k] for k in hyper) for r in all_rows}) == 6  # the second run repeated nothing
+
+
+@pytest.mark.slow
+def test_single_run_trains_one_configuration(tmp_path):
+    """pipelines/single.py: the seed's independent training, same stages, one CSV row, reproducible."""
+    from neumo import results, synthetic
+
+    data = tmp_path / "data"
+    synthetic.write_kaggle(str(data / "images"), {"train": (12, 12), "test": (3, 3)}, size=64, seed=0)
+    config = {"pixels": 64, "mask": False, "model": 1, "frozen_layers": 4, "learning_rate": 0.002, "loss": "bce",
+              "augmentation": "light", "class_weight": True}
+    (tmp_path / "trial.json").write_text(json.dumps(config))
+    args = ["--config", str(tmp_path / "trial.json"), "--local", "--workdir", str(tmp_path / "run"),
+            "--set", f"dataset_uri={data / 'images'}", "--set", "pretrain_epochs=1", "--set", "filters=4",
+            "--set", "depth=3", "--set", "epochs=1", "--set", "bootstrap=20", "--set", f"search_space={TINY_SPACE}"]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "pipelines" / "single.py"), *args], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "run" / "results" / results.TRAIN_CSV) as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["status"] == "ok" and row["model"] == "1" and row["frozen_layers"] == "4" and row["loss"] == "bce"

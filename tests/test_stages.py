@@ -99,3 +99,14 @@ def test_fingerprint_changes_with_the_data_only(tmp_path, gcs_bucket):
         second = stages.fingerprint(base)
         storage.write_bytes(storage.join(base, "train/NORMAL/c.png"), b"new")
         assert stages.fingerprint(base) != second
+
+
+def test_a_single_configuration_replaces_the_search(tmp_path):
+    config = {"pixels": 64.0, "mask": False, "model": 2, "frozen_layers": 0, "learning_rate": 0.001, "loss": "focal",
+              "augmentation": "none", "class_weight": True}
+    batch = stages.suggest(SPACE, "", [], 4, 0, str(tmp_path / "h.jsonl"), "", 0, config)
+    assert batch == [{**config, "pixels": 64, "round": 0, "trial": 0}]
+    (tmp_path / "summary.json").write_text(json.dumps({"with_mask": 0}))
+    assert stages.plan(SPACE, str(tmp_path), config=config) == [{"pixels": 64, "mask": False}]
+    with pytest.raises(ValueError, match="loss"):
+        stages.plan(SPACE, str(tmp_path), config={**config, "loss": "hinge"})

@@ -24,7 +24,7 @@ import numpy as np
 from neumo import ingest, stages, storage, training
 
 ROOT = Path(__file__).resolve().parents[2]
-LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+LEARNING_RATES = (1e-4, 1e-3, 1e-2)
 GRID = {
     "pixels": (64,), "mask": (False,), "model": (1, 2), "frozen_layers": (0, 8), "learning_rate": LEARNING_RATES,
     "loss": ("bce", "weighted_bce", "focal"), "augmentation": ("none", "light"), "class_weight": (False,),

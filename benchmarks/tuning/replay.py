@@ -25,10 +25,14 @@ KEYS = ("pixels", "mask", "model", "frozen_layers", "learning_rate", "loss", "au
 
 
 def load_table(path: str) -> tuple[dict[tuple, float | None], list[float]]:
-    """{config key: score or None (diverged)} and the sorted learning-rate grid."""
+    """{config key: score or None (diverged)} over the recorded grid, and its learning rates."""
+    from benchmarks.tuning.record import GRID
+
     table, rates = {}, set()
     with open(path) as fh:
         for r in csv.DictReader(fh):
+            if float(r["learning_rate"]) not in GRID["learning_rate"]:
+                continue  # rows of an earlier, larger grid
             config = {"pixels": int(r["pixels"]), "mask": r["mask"] == "True", "model": int(r["model"]),
                       "frozen_layers": int(r["frozen_layers"]), "learning_rate": float(r["learning_rate"]),
                       "loss": r["loss"], "augmentation": r["augmentation"], "class_weight": r["class_weight"] == "True"}
@@ -84,6 +88,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     table, rates = load_table(args.table)
+    from benchmarks.tuning.record import grid
+
+    if len(table) != len(grid()):
+        raise SystemExit(f"the table holds {len(table)} of the grid's {len(grid())} configurations: "
+                         "finish it with python -m benchmarks.tuning.record")
     space = space_of(table)
     scores = [s for s in table.values() if s is not None]
     best = max(scores)

@@ -8,12 +8,13 @@ from components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def plan(search_space: dict, manifest: Input[Dataset], mask_model_uri: str = "", depth: int = 4,
-         results_uri: str = "") -> List[dict]:
+         results_uri: str = "", config: dict = {}) -> List[dict]:
     """Validate the search space against the ingested data before any GPU time is spent, and list
-    the data variants (pixels x mask) that preprocessing and pretraining must prepare."""
+    the data variants (pixels x mask) that preprocessing and pretraining must prepare (only the
+    one `config` names, when a single configuration is trained)."""
     import logging
 
     from neumo import stages
 
     logging.basicConfig(level=logging.INFO)
-    return stages.plan(search_space, manifest.path, mask_model_uri, depth, results_uri)
+    return stages.plan(search_space, manifest.path, mask_model_uri, depth, results_uri, config)

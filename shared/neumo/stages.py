@@ -77,11 +77,16 @@ def ingest_report_markdown(summary: dict) -> str:
 # --- plan -----------------------------------------------------------------------------------
 
 def plan(search_space: dict, manifest_dir: str, mask_model_uri: str = "", depth: int = 4,
-         results_uri: str = "") -> list[dict]:
-    """Validate the search space against the data and the U-Net depth, and check the results URI
-    is writable, before any GPU time; the (pixels, mask) variants to prepare."""
+         results_uri: str = "", config: dict | None = None) -> list[dict]:
+    """Validate the search space (or the one `config` of a single run) against the data and the
+    U-Net depth, and check the results URI is writable, before any GPU time; the (pixels, mask)
+    variants to prepare."""
+    from neumo.training import TrialConfig
     from neumo.tuning import SearchSpace
 
+    if config:
+        cfg = TrialConfig.from_dict(config)
+        search_space = {**search_space, "pixels": [cfg.pixels], "mask": [cfg.mask]}
     space = SearchSpace.from_dict(search_space)
     factor = 2 ** int(depth)
     bad = [p for p in space.pixels if p % factor]
@@ -231,11 +236,18 @@ def _variant(catalog_path: str, pixels: int, use_mask: bool) -> dict:
 # --- tuning ---------------------------------------------------------------------------------
 
 def suggest(search_space: dict, history_in: str, finished: list[str], batch_size: int, seed: int,
-            history_out: str, results_uri: str = "", round_index: int = 0) -> list[dict]:
+            history_out: str, results_uri: str = "", round_index: int = 0, config: dict | None = None) -> list[dict]:
     """The next batch of configurations from every finished trial: earlier rounds (history_in,
     a JSON-lines file of trial records), the last round (`finished`, JSON strings) and, on the
-    first round, the training CSV already at results_uri (so a recurring run continues)."""
-    from neumo import results, tuning
+    first round, the training CSV already at results_uri (so a recurring run continues). A given
+    `config` is the batch (a single run: no tuning)."""
+    from dataclasses import asdict
+
+    from neumo import results, training, tuning
+
+    if config:
+        storage.write_text(history_out, "")
+        return [{**asdict(training.TrialConfig.from_dict(config)), "round": round_index, "trial": 0}]
 
     space = tuning.SearchSpace.from_dict(search_space)
     _check_round(finished, round_index - 1)
