@@ -1,0 +1,218 @@
+"""Measure the science on the real images of ../shared/data, with the project's own stages.
+
+  (a) the lung-mask U-Net (256 px), trained on kermany_224 image + mask pairs of patients NOT in
+      kermany_full_res, scored (Dice, IoU) on the 200 full-size images at their original size
+      after the seed's post-processing;
+  (b) the pretrained encoder against a randomly initialised one under the same classifier
+      (head 2, backbone fully frozen), on the patient-level valid fold of kermany_224/train;
+  (c) the classifier trained in full (head 1, backbone fine-tuned, light augmentation, class
+      weights) on the valid fold at the validation-chosen threshold, then under acquisition
+      shifts applied to the raw images (gamma, contrast, blur, noise, zoom, a text marker).
+
+    python -m benchmarks.science [--only a,b,c] [--pixels 128] [--work work/science]
+
+Prints a Markdown table of every figure with its interval and how long each training took, and
+writes results.json in the work folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from neumo import data as nd
+from neumo import evaluation, imaging, ingest, masking, models, shifts, stages, storage, training
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+logger = logging.getLogger("benchmarks.science")
+
+
+def _manifest(work: Path) -> list[dict]:
+    out = work / "manifest"
+    if not (out / stages.MANIFEST).exists():
+        config = ingest.IngestConfig(str(SHARED / "kermany_224"), masks_uri=str(SHARED / "kermany_224_lung_masks"),
+                                     pretrain_uri=str(SHARED / "nih_sample"), seed=0)
+        stages.ingest(config, str(out))
+    return stages.load_manifest(str(out))
+
+
+def lung_masks(work: Path, rows: list[dict], epochs: int, max_images: int) -> dict:
+    full = sorted((SHARED / "kermany_full_res" / "images" / "train").glob("*/*"))
+    held_patients = {ingest.patient_id(p.name) for p in full}
+    pairs = [r for r in rows if r["mask_uri"] and r["patient_id"] not in held_patients and r["fold"] in ("train", "valid")]
+    config = masking.MaskModelConfig(pixels=256, depth=4, filters=8, epochs=epochs, max_images=max_images, seed=0)
+    start = time.monotonic()
+    model, trained = masking.train(pairs, config, str(work / "mask_model"))
+    seconds = time.monotonic() - start
+    scores = []
+    for path in full:
+        image = imaging.decode(path.read_bytes())
+        truth = imaging.read_grey((SHARED / "kermany_full_res" / "lung_masks" / "train" / path.parent.name /
+                                   f"{path.stem}.png").read_bytes()) > 127
+        scores.append(masking.dice_iou(truth, masking.predict_masks(model, [image], config.pixels)[0]))
+    dice, iou = np.array([s[0] for s in scores]), np.array([s[1] for s in scores])
+    rng = np.random.default_rng(0)
+    boot = [dice[rng.integers(0, len(dice), len(dice))].mean() for _ in range(1000)]
+    return {"dice": float(dice.mean()), "dice_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "iou": float(iou.mean()), "dice_median": float(np.median(dice)), "dice_min": float(dice.min()),
+            "held_out_images": len(full), "excluded_patients": len(held_patients), "trained_on": trained["trained_on"],
+            "epochs": trained["epochs"], "train_seconds": round(seconds, 1)}
+
+
+def _variant(work: Path, pixels: int) -> str:
+    out = work / f"p{pixels}"
+    if not (out / "variant.json").exists():
+        stages.preprocess(str(work / "manifest"), {"pixels": pixels, "mask": False}, str(out))
+    return str(out)
+
+
+def _pretrained(work: Path, variant: str, epochs: int) -> tuple[str, dict]:
+    out = work / "backbone"
+    if not (out / "autoencoder.keras").exists():
+        info = stages.pretrain(variant, str(out), training.PretrainConfig(depth=4, filters=16, epochs=epochs, seed=0))
+    else:
+        info = json.loads((out / "pretrain.json").read_text())
+    return str(out / "autoencoder.keras"), info
+
+
+def _train(cfg: training.TrialConfig, settings: training.TrainSettings, variant: str, backbone: str, out: Path):
+    start = time.monotonic()
+    result = training.train_trial(cfg, settings, variant, backbone, str(out))
+    model = keras.saving.load_model(str(out / "model.keras"), compile=False, safe_mode=True)
+    return result, model, time.monotonic() - start
+
+
+def _summary(targets, probs, threshold) -> dict:
+    m = evaluation.metrics(targets, probs, threshold)
+    ci = evaluation.bootstrap(targets, probs, threshold, n=1000)
+    return {**{k: m[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity", "threshold")},
+            **{f"{k}_ci": list(ci[k]) for k in ("auc", "sensitivity", "specificity")}}
+
+
+def pretraining(work: Path, pixels: int, pretrain_epochs: int, epochs: int) -> dict:
+    variant = _variant(work, pixels)
+    pretrained, info = _pretrained(work, variant, pretrain_epochs)
+    random_init = str(work / "random_init.keras")
+    training.set_seed(0)
+    models.build_unet(pixels, 4, 16, "linear", 1, name="autoencoder").save(random_init)
+    frozen = len([layer for layer in models.build_backbone(models.build_unet(pixels, 4, 16)).layers if layer.weights])
+    cfg = training.TrialConfig(pixels, False, 2, frozen, 1e-3, "bce", "none", True)
+    settings = training.TrainSettings(epochs=epochs, patience=epochs, seed=0)
+    valid = nd.load_fold(variant, "valid")
+    out = {"pretrain": {k: info[k] for k in ("images", "source", "best_val_loss", "seconds")}}
+    probs = {}
+    for name, backbone in (("pretrained", pretrained), ("random_init", random_init)):
+        result, model, seconds = _train(cfg, settings, variant, backbone, work / f"frozen_{name}")
+        probs[name] = training.predict(model, valid)
+        out[name] = {**_summary(valid.targets, probs[name], result.threshold), "train_seconds": round(seconds, 1)}
+    out["paired_auc"] = evaluation.paired_bootstrap_auc(valid.targets, probs["pretrained"], probs["random_init"], n=1000)
+    out["config"] = asdict(cfg)
+    return out
+
+
+def best_classifier(work: Path, rows: list[dict], pixels: int, pretrain_epochs: int, epochs: int) -> dict:
+    variant = _variant(work, pixels)
+    backbone, _ = _pretrained(work, variant, pretrain_epochs)
+    cfg = training.TrialConfig(pixels, False, 1, 0, 1e-3, "bce", "light", True)
+    result, model, seconds = _train(cfg, training.TrainSettings(epochs=epochs, patience=3, seed=0), variant, backbone,
+                                    work / "best")
+    valid_rows = sorted((r for r in rows if r["fold"] == "valid"), key=lambda r: r["id"])
+    raw = [imaging.to_grey(imaging.decode(storage.read_bytes(r["uri"]))) for r in valid_rows]
+    targets = np.array([r["target"] for r in valid_rows])
+
+    def score(images):
+        x = imaging.zscore(np.stack([imaging.prepare_uint8(im, pixels, None) for im in images]))
+        return model.predict(x, verbose=0, batch_size=32)[:, 0]
+
+    base = _summary(targets, score(raw), result.threshold)
+    out = {"config": asdict(cfg), "train_seconds": round(seconds, 1), "epochs": result.epochs,
+           "best_epoch": result.best_epoch, "valid": base, "shifts": {}}
+    for name, shift in shifts.SHIFTS.items():
+        m = _summary(targets, score([shift(im) for im in raw]), result.threshold)
+        out["shifts"][name] = {**m, "auc_drop": base["auc"] - m["auc"],
+                               "specificity_drop": base["specificity"] - m["specificity"]}
+    return out
+
+
+def _fmt_ci(d: dict, key: str) -> str:
+    lo, hi = d[f"{key}_ci"]
+    return f"{d[key]:.3f} ({lo:.3f}-{hi:.3f})"
+
+
+def report(res: dict) -> str:
+    lines = []
+    if "masks" in res:
+        m = res["masks"]
+        lines += ["| lung masks, 200 held-out full-size images | Dice | IoU | trained on | time |", "|---|---|---|---|---|",
+                  f"| 256 px U-Net, seed post-processing | {_fmt_ci(m, 'dice')} (median {m['dice_median']:.3f}, "
+                  f"min {m['dice_min']:.3f}) | {m['iou']:.3f} | {m['trained_on']} pairs, {m['epochs']} epochs | "
+                  f"{m['train_seconds'] / 60:.1f} min |", ""]
+    if "pretraining" in res:
+        p = res["pretraining"]
+        lines += ["| frozen backbone, head 2, valid fold | AUC (95% CI) | sensitivity | specificity | time |",
+                  "|---|---|---|---|---|"]
+        for name in ("pretrained", "random_init"):
+            d = p[name]
+            lines.append(f"| {name} | {_fmt_ci(d, 'auc')} | {d['sensitivity']:.3f} | {d['specificity']:.3f} | "
+                         f"{d['train_seconds'] / 60:.1f} min |")
+        d = p["paired_auc"]
+        lines += [f"| difference (paired bootstrap) | {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f}), "
+                  f"p={d['p_value']:.3f} | | | pretraining {p['pretrain']['seconds'] / 60:.1f} min on "
+                  f"{p['pretrain']['images']} images |", ""]
+    if "best" in res:
+        b = res["best"]
+        v = b["valid"]
+        lines += ["| best classifier, valid fold, and under shifts | AUC (95% CI) | sensitivity | specificity | AUC drop | "
+                  "specificity drop |", "|---|---|---|---|---|---|",
+                  f"| as acquired ({b['epochs']} epochs, {b['train_seconds'] / 60:.1f} min) | {_fmt_ci(v, 'auc')} | "
+                  f"{_fmt_ci(v, 'sensitivity')} | {_fmt_ci(v, 'specificity')} | | |"]
+        for name, d in b["shifts"].items():
+            lines.append(f"| {name} | {_fmt_ci(d, 'auc')} | {d['sensitivity']:.3f} | {d['specificity']:.3f} | "
+                         f"{d['auc_drop']:+.3f} | {d['specificity_drop']:+.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="a,b,c")
+    p.add_argument("--pixels", type=int, default=128)
+    p.add_argument("--work", default=str(ROOT / "work" / "science"))
+    p.add_argument("--mask-epochs", type=int, default=6)
+    p.add_argument("--mask-images", type=int, default=2400)
+    p.add_argument("--pretrain-epochs", type=int, default=4)
+    p.add_argument("--frozen-epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not (SHARED / "kermany_224" / "train").is_dir():
+        raise SystemExit(f"the science measurements need the real images at {SHARED}")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = work / "results.json"
+    res = json.loads(results_path.read_text()) if results_path.exists() else {}
+    rows = _manifest(work)
+    parts = set(args.only.split(","))
+    if "a" in parts:
+        res["masks"] = lung_masks(work, rows, args.mask_epochs, args.mask_images)
+        results_path.write_text(json.dumps(res, indent=2))
+    if "b" in parts:
+        res["pretraining"] = pretraining(work, args.pixels, args.pretrain_epochs, args.frozen_epochs)
+        results_path.write_text(json.dumps(res, indent=2))
+    if "c" in parts:
+        res["best"] = best_classifier(work, rows, args.pixels, args.pretrain_epochs, args.epochs)
+        results_path.write_text(json.dumps(res, indent=2))
+    print(report(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
