@@ -1,5 +1,5 @@
 """Scale: wall time and peak memory of the preprocess stage and of one training epoch at 1x, 4x and
-16x the images (synthetic, small), each in a fresh child process (peak RSS = its ru_maxrss).
+16x the images (synthetic 256 px PNGs -> 128 px; a small classifier 2, U-Net f8 d3, batch 32), each in a fresh child process (peak RSS = its ru_maxrss).
 
     python -m benchmarks.scale_bench [--base 150] [--factors 1 4 16]
 
@@ -20,11 +20,11 @@ import tempfile
 
 from benchmarks.common import REPO, WORKDIR, report, setup
 
-SOURCE_PX, PIXELS, TRAIN_PX = 256, 128, 64
+SOURCE_PX, PIXELS = 256, 128
 
 CHILD = r"""
 import json, resource, sys, time
-task, arg = sys.argv[1], json.loads(sys.argv[2])
+task, arg = sys.argv[1], json.load(open(sys.argv[2]))
 import numpy as np
 from neumo import data as nd
 if task == "preprocess":
@@ -52,27 +52,16 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 
 def child(task: str, arg: dict) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.path.join(REPO, "shared"))
-    out = subprocess.run([sys.executable, "-c", CHILD, task, json.dumps(arg)], capture_output=True, text=True,
-                         env=env, check=False)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=WORKDIR, delete=False) as fh:
+        json.dump(arg, fh)  # a manifest can be longer than a command line may be
+    try:
+        out = subprocess.run([sys.executable, "-c", CHILD, task, fh.name], capture_output=True, text=True,
+                             env=env, check=False)
+    finally:
+        os.unlink(fh.name)
     if out.returncode:
         raise RuntimeError(f"{task} child failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def resize_variant(variant: str, out: str, pixels: int) -> None:
-    """A copy of the train fold at `pixels` (the training scale runs at a small size)."""
-    import cv2
-    import numpy as np
-
-    from neumo import data as nd
-
-    info = nd.read_variant(variant)
-    for name in info["shards"]["train"]:
-        s = nd.read_shard(os.path.join(variant, "train", name))
-        small = np.stack([cv2.resize(im, (pixels, pixels), interpolation=cv2.INTER_AREA) for im in s.images])
-        nd.write_shard(os.path.join(out, "train", name), small, s.targets, list(s.ids))
-    with open(os.path.join(out, "variant.json"), "w") as fh:
-        json.dump({**info, "pixels": pixels}, fh)
 
 
 def main(argv=None) -> None:
@@ -97,14 +86,12 @@ def main(argv=None) -> None:
                      "fold": "train", "target": i % 2} for i in range(n)]
             variant = os.path.join(root, f"v{k}")
             pre = child("preprocess", {"rows": rows, "pixels": PIXELS, "shard_bytes": shard_bytes, "out": variant})
-            small = os.path.join(root, f"t{k}")
-            resize_variant(variant, small, TRAIN_PX)
-            stream = child("stream", {"variant": small, "pixels": TRAIN_PX})
-            memory = child("memory", {"variant": small, "pixels": TRAIN_PX})
+            stream = child("stream", {"variant": variant, "pixels": PIXELS})
+            memory = child("memory", {"variant": variant, "pixels": PIXELS})
             data_mb = n * PIXELS * PIXELS / 2**20
             row = {"preprocess": pre, "stream": stream, "memory": memory}
             first = first or {key: dict(v, n=n) for key, v in row.items()}
-            print(f"{k:3d}x = {n:5d} images ({data_mb:6.1f} MB stored at {PIXELS}px; training at {TRAIN_PX}px):")
+            print(f"{k:3d}x = {n:5d} images ({data_mb:6.1f} MB stored at {PIXELS}px):")
             for key, label in (("preprocess", "preprocess (1 worker)"), ("stream", "train epoch, streamed"),
                                ("memory", "train epoch, in memory")):
                 v, f = row[key], first[key]
@@ -115,7 +102,6 @@ def main(argv=None) -> None:
                        ms_per_image=round(per, 3), maxrss_mb=round(v["maxrss_mb"], 1),
                        rss_growth_mb=round(v["maxrss_mb"] - f["maxrss_mb"], 1), data_mb=round(data_mb, 1))
             shutil.rmtree(variant, ignore_errors=True)
-            shutil.rmtree(small, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

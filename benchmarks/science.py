@@ -5,7 +5,7 @@
       after the seed's post-processing;
   (b) the pretrained encoder against a randomly initialised one under the same classifier
       (head 2, backbone fully frozen), on the patient-level valid fold of kermany_224/train;
-  (c) the classifier trained in full (head 1, backbone fine-tuned, light augmentation, class
+  (c) the classifier trained in full (head 1, backbone fine-tuned, strong augmentation, class
       weights) on the valid fold at the validation-chosen threshold, then under acquisition
       shifts applied to the raw images (gamma, contrast, blur, noise, zoom, a text marker).
 
@@ -122,7 +122,7 @@ def pretraining(work: Path, pixels: int, pretrain_epochs: int, epochs: int) -> d
 def best_classifier(work: Path, rows: list[dict], pixels: int, pretrain_epochs: int, epochs: int) -> dict:
     variant = _variant(work, pixels)
     backbone, _ = _pretrained(work, variant, pretrain_epochs)
-    cfg = training.TrialConfig(pixels, False, 1, 0, 1e-3, "bce", "light", True)
+    cfg = training.TrialConfig(pixels, False, 1, 0, 1e-3, "bce", "strong", True)
     result, model, seconds = _train(cfg, training.TrainSettings(epochs=epochs, patience=3, seed=0), variant, backbone,
                                     work / "best")
     valid_rows = sorted((r for r in rows if r["fold"] == "valid"), key=lambda r: r["id"])

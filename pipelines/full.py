@@ -4,6 +4,8 @@ pretrain) -> catalog -> R rounds of (suggest -> ParallelFor trials (train -> eva
 
     python pipelines/full.py --compile [PATH]          # write the YAML for Kubeflow
     python pipelines/full.py --local --preset demo     # run it here, through kfp.local
+    python pipelines/full.py --submit --host URL       # one run on a cluster (pipelines/submit.py)
+    python pipelines/full.py --schedule CRON --host URL  # a recurring run: one at a time, no catch-up
 
 Compiling needs only `kfp` and `kfp-kubernetes`. Rounds, trials per round and the parallelism
 cap shape the graph (KFP v2 has no loops), so they are compile-time options; everything else is a
