@@ -85,3 +85,20 @@ def test_nan_loss_fails_the_trial_with_a_reason(variant, tmp_path):
     with pytest.raises(FloatingPointError, match="NaN"):
         training.train_trial(cfg, training.TrainSettings(epochs=2), str(root / "p"),
                              str(root / "b" / "autoencoder.keras"), str(tmp_path))
+
+
+def test_mixed_precision_trial_trains_and_saves(variant, tmp_path):
+    """The GPU default (mixed_float16) on the same code path; the saved model predicts float32."""
+    import keras
+
+    root, _ = variant
+    cfg = training.TrialConfig(64, False, 1, 0, 1e-3, "bce", "none", False)
+    training.train_trial(cfg, training.TrainSettings(epochs=1, precision="mixed_float16"), str(root / "p"),
+                         str(root / "b" / "autoencoder.keras"), str(tmp_path))
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored for the rest of the process
+    model = keras.saving.load_model(str(tmp_path / "model.keras"), compile=False, safe_mode=True)
+    assert model.get_layer("backbone").get_layer("enc1_conv1_raw").dtype_policy.name == "mixed_float16"
+    assert model.predict(np.zeros((1, 64, 64, 1), "float32"), verbose=0).dtype == np.float32
+    assert training.resolve_precision("auto") == "float32"  # no GPU here
+    with pytest.raises(ValueError, match="precision"):
+        training.TrainSettings(precision="half")

@@ -2,12 +2,17 @@
 
 A prepared variant (one pixels x mask combination) is a folder:
 
-    variant.json                    pixels, mask, clahe_clip, counts per fold, data version
+    variant.json                    pixels, mask, clahe_clip, counts and shard names per fold, data version
     <fold>/shard-00000.npz          images uint8 (N, p, p) after CLAHE, targets int8 (N,), ids (N,)
 
 Folds: `train` and `valid` (the seeded patient-level 0.8/0.2 split of the official train split),
 `val` and `test` (the official splits), `unlabelled` (pretraining images). The expensive part
 (decode, mask, resize, CLAHE) is done once; training only z-scores and augments.
+
+Two ways in: :func:`load_fold` + :func:`make_dataset` hold a fold in memory (evaluation, small
+folds); :func:`stream_dataset` reads the shards in parallel as it goes (training at any scale),
+caching the fold in memory when it fits in ``cache_bytes``. Both yield the same batches.
+Shards are plain uncompressed .npz files, written byte-for-byte reproducibly.
 """
 
 from __future__ import annotations
@@ -241,13 +246,14 @@ def stream_dataset(
     targets_as_images: bool = False,
     cache_bytes: int = CACHE_BYTES,
     readers: int = READERS,
+    shuffle_bytes: int = SHUFFLE_BYTES,
 ):
     """tf.data over the shards of `fold` in a prepared variant, without loading the fold.
 
     Yields the same batches as ``make_dataset(load_fold(variant_uri, fold), ...)``: in the same
     order with ``shuffle=False``, the same images per epoch with ``shuffle=True``. Up to `readers`
     shards are read in parallel (through neumo.storage: local, file:// or gs://), so memory is a
-    few shards plus the shuffle buffer (SHUFFLE_BYTES). A fold whose stored size is at most
+    few shards plus the shuffle buffer (`shuffle_bytes` of images). A fold whose stored size is at most
     `cache_bytes` is kept in memory after the first epoch. `class_weights` ({0: w0, 1: w1})
     appends a per-image weight to each batch, as ``sample_weights`` does in make_dataset.
     """
@@ -276,7 +282,7 @@ def stream_dataset(
     if cached:
         ds = ds.cache()
     if shuffle:
-        buffer = n if cached else min(n, max(1, SHUFFLE_BYTES // (p * p)))
+        buffer = n if cached else min(n, max(1, shuffle_bytes // (p * p)))
         ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
     weigh = None
     if class_weights is not None:

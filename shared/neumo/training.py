@@ -225,10 +225,34 @@ class TrainSettings:
     batch_size: int = 8
     patience: int = 3
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError(f"epochs, batch_size and patience must be >= 1: {self}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto" -> mixed_float16 where a GPU is present, else float32 (mixed is slower on CPUs)."""
+    return nd.default_precision() if precision == "auto" else precision
+
+
+def _recast(model: keras.Model) -> keras.Model:
+    """A copy of a loaded model whose layers follow the current global dtype policy (a saved
+    model keeps the float32 policy it was saved with), with the same weights."""
+    def clone(layer):
+        config = layer.get_config()
+        config.pop("dtype", None)
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _loss(name: str):
@@ -261,21 +285,27 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
     model.json with the configuration, so evaluation applies the same rule.
     """
     set_seed(settings.seed)
-    train, valid = nd.load_fold(variant_uri, "train"), nd.load_fold(variant_uri, "valid")
-    if len(train) == 0 or len(valid) == 0:
-        raise ValueError(f"variant {variant_uri} has {len(train)} train and {len(valid)} valid images; both are needed")
-    unet = keras.saving.load_model(backbone_path, compile=False, safe_mode=True)
-    backbone = models.build_backbone(unet)
-    models.freeze(backbone, cfg.frozen_layers)
-    clf = models.build_classifier(backbone, cfg.model)
+    # Training streams its shards (memory stays flat however large the fold); only the targets
+    # (for class weights) and the validation fold (for the threshold) are held.
+    targets = np.concatenate([nd.read_shard(u).targets for u in nd.shard_uris(variant_uri, "train")] or [[]])
+    valid = nd.load_fold(variant_uri, "valid")
+    if len(targets) == 0 or len(valid) == 0:
+        raise ValueError(f"variant {variant_uri} has {len(targets)} train and {len(valid)} valid images; both are needed")
+    policy = resolve_precision(settings.precision)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        unet = keras.saving.load_model(backbone_path, compile=False, safe_mode=True)
+        backbone = models.build_backbone(unet if policy == "float32" else _recast(unet))
+        models.freeze(backbone, cfg.frozen_layers)
+        clf = models.build_classifier(backbone, cfg.model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     clf.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=_loss(cfg.loss),
                 metrics=["accuracy", keras.metrics.AUC(name="auc")])
-    weights = None
-    if cfg.class_weight or cfg.loss == "weighted_bce":
-        cw = nd.class_weights(train.targets)
-        weights = np.where(train.targets == 1, cw[1], cw[0])
-    train_ds = nd.make_dataset(train, settings.batch_size, cfg.augmentation, True, settings.seed, weights)
-    valid_ds = nd.make_dataset(valid, settings.batch_size)
+    weighted = cfg.class_weight or cfg.loss == "weighted_bce"
+    train_ds = nd.stream_dataset(variant_uri, "train", settings.batch_size, cfg.augmentation, True, settings.seed,
+                                 class_weights=nd.class_weights(targets) if weighted else None)
+    valid_ds = nd.stream_dataset(variant_uri, "valid", settings.batch_size)
     curve, seconds = _fit(clf, train_ds, valid_ds, settings.epochs, "val_auc", "max", settings.patience, out_dir, "trial",
                           checkpoint_uri)
     best = int(np.argmax(curve["val_auc"]))
