@@ -54,6 +54,8 @@ def test_stages_chain_from_the_command_line(tmp_path, capsys):
     evals = run("evaluate", "--model", f"{w}/t", "--catalog", f"{w}/catalog.json", "--train-row", f"{w}/t/row.json",
                 "--bootstrap", "20", "--history", f"{w}/h.jsonl", "--out", f"{w}/e")
     assert {e["split"] for e in evals} == {"test", "val", "test+val", "valid"}
+    same = run("compare", "--a", f"{w}/e", "--b", f"{w}/e", "--split", "valid", "--bootstrap", "50")
+    assert same["mcnemar"]["p_value"] == 1.0 and same["auc"]["difference"] == 0
     summary = run("aggregate", "--history", f"{w}/h.jsonl", "--results-uri", f"{w}/results", "--out", f"{w}/r")
     assert summary["trials"] == 1
     assert (tmp_path / "results" / "train_max_unsupervised.csv").exists()

@@ -10,6 +10,7 @@
     neumo train --config trial.json --catalog work/catalog.json --out work/trial0
     neumo evaluate --model work/trial0 --catalog work/catalog.json --train-row work/trial0/row.json --out work/eval0
     neumo aggregate --history work/history.jsonl --results-uri work/results --out work/report
+    neumo compare --a work/eval0 --b work/eval1 --split test   # McNemar + paired bootstrap AUC
     neumo synthetic --out work/synthetic     # synthetic chest X-rays in Kaggle + NIH layouts
 """
 
@@ -116,6 +117,27 @@ def _aggregate(a):
     return stages.aggregate(a.history, [], a.results_uri, a.out)
 
 
+def _compare(a):
+    import csv
+
+    from neumo import evaluation
+
+    def read(folder):
+        with open(f"{folder}/predictions.csv") as fh:
+            return {(r["split"], r["id"]): r for r in csv.DictReader(fh) if r["split"] == a.split}
+
+    pa, pb = read(a.a), read(a.b)
+    ids = sorted(set(pa) & set(pb))
+    if not ids or len(ids) != len(pa) or len(ids) != len(pb):
+        raise ValueError(f"the two evaluations must hold predictions for the same {a.split!r} images "
+                         f"({len(pa)} and {len(pb)}, {len(ids)} shared)")
+    t = [int(pa[i]["target"]) for i in ids]
+    return {"split": a.split, "images": len(ids),
+            "mcnemar": evaluation.mcnemar(t, [int(pa[i]["predicted"]) for i in ids], [int(pb[i]["predicted"]) for i in ids]),
+            "auc": evaluation.paired_bootstrap_auc(t, [float(pa[i]["probability"]) for i in ids],
+                                                   [float(pb[i]["probability"]) for i in ids], n=a.bootstrap, seed=a.seed)}
+
+
 def _synthetic(a):
     from neumo import synthetic
 
@@ -210,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--history", required=True)
     s.add_argument("--results-uri", default="")
     s.add_argument("--out", required=True)
+
+    s = stage("compare", _compare, "paired comparison of two evaluated models: McNemar and paired bootstrap AUC")
+    s.add_argument("--a", required=True, help="evaluate output folder of model A (predictions.csv)")
+    s.add_argument("--b", required=True, help="evaluate output folder of model B")
+    s.add_argument("--split", default="test", help="test, val or valid")
+    s.add_argument("--bootstrap", type=int, default=2000)
 
     s = stage("synthetic", _synthetic, "write synthetic chest X-rays (Kaggle and NIH layouts) with lung masks")
     s.add_argument("--per-class", type=int, default=50)
