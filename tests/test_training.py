@@ -29,6 +29,7 @@ def test_pretraining_uses_unlabelled_and_train_images(variant):
     assert info["images"] == total - max(1, total // 10)  # a tenth held out for the validation loss
     assert np.isfinite(info["best_val_loss"])
     assert (root / "b" / "autoencoder.keras").exists() and (root / "b" / "history.csv").exists()
+    assert (root / "b" / "loss_curve.png").stat().st_size > 1000  # the reconstruction loss curves, as a picture
 
 
 def test_corruption_keeps_shape_and_changes_the_input():
@@ -102,3 +103,27 @@ def test_mixed_precision_trial_trains_and_saves(variant, tmp_path):
     assert training.resolve_precision("auto") == "float32"  # no GPU here
     with pytest.raises(ValueError, match="precision"):
         training.TrainSettings(precision="half")
+
+
+def test_train_component_turns_a_failing_trial_into_a_failed_row(variant, tmp_path):
+    """The component, called as KFP calls it: an impossible configuration (more frozen layers than
+    the backbone has) yields a failed row with the reason; a good one an ok row; neither raises."""
+    from kfp import dsl
+
+    from components.train.component import train
+
+    root, _ = variant
+    catalog = tmp_path / "catalog.json"
+    stages.catalog([{"uri": str(root / "p"), "pixels": 64, "mask": False}],
+                   [{"uri": str(root / "b"), "pixels": 64, "mask": False}], str(catalog))
+    good = {"pixels": 64, "mask": False, "model": 2, "frozen_layers": 0, "learning_rate": 1e-3, "loss": "bce",
+            "augmentation": "none", "class_weight": False, "round": 1, "trial": 0}
+    rows = {}
+    for name, config in (("ok", good), ("bad", {**good, "frozen_layers": 999, "trial": 1})):
+        model = dsl.Model(uri=str(tmp_path / name))
+        rows[name] = json.loads(train.python_func(config=config, variants=dsl.Dataset(uri=str(catalog)), model=model,
+                                                  epochs=1, run_id="r1"))
+        assert model.metadata["status"] == rows[name]["status"]
+    assert rows["ok"]["status"] == "ok" and rows["ok"]["model_uri"] == str(tmp_path / "ok")
+    assert rows["bad"]["status"] == "failed" and "frozen_layers must be in 0.." in rows["bad"]["error"]
+    assert (rows["bad"]["round"], rows["bad"]["trial"], rows["bad"]["frozen_layers"]) == (1, 1, 999)

@@ -58,3 +58,16 @@ def gradcam_png(images: np.ndarray, cams: np.ndarray, titles: list[str], path: s
         ax.axis("off")
     fig.tight_layout()
     _save(fig, path)
+
+
+def curve_png(curve: dict[str, list[float]], path: str, title: str) -> None:
+    """Training curves (Keras history: loss, val_loss, ...) against the epoch."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    for name, values in sorted(curve.items()):
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set(xlabel="epoch", ylabel="loss", title=title)
+    ax.legend()
+    _save(fig, path)

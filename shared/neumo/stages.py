@@ -200,6 +200,10 @@ def pretrain(variant_dir: str, out_dir: str, config=None) -> dict:
     fit = nd.Fold(images.images[n_valid:], images.targets[n_valid:], images.ids[n_valid:])
     held = nd.Fold(images.images[:n_valid], images.targets[:n_valid], images.ids[:n_valid])
     _, curve, seconds = training.pretrain(fit, held, int(info["pixels"]), config, out_dir)
+    from neumo import figures
+
+    figures.curve_png({k: curve[k] for k in ("loss", "val_loss") if k in curve}, os.path.join(out_dir, "loss_curve.png"),
+                      f"reconstruction loss, {info['pixels']} px, mask={info['mask']}")
     result = {"pixels": int(info["pixels"]), "mask": bool(info["mask"]), "images": len(fit), "source": source,
               "final_loss": float(curve["loss"][-1]), "best_val_loss": float(min(curve["val_loss"])),
               "seconds": round(seconds, 1), "config": asdict(config)}
