@@ -112,7 +112,7 @@ def mask_model(manifest_dir: str, out_dir: str, mask_model_uri: str = "", config
     if not needed:
         info = {"source": "none", "reason": "no masked variant in the search space"}
     elif mask_model_uri:
-        name = "lung_mask.h5" if mask_model_uri.endswith(".h5") else "lung_mask.keras"
+        name = "lung_mask" + (os.path.splitext(mask_model_uri)[1].lower() or ".keras")  # load() checks it
         storage.download(mask_model_uri, os.path.join(out_dir, name))
         model = masking.load(os.path.join(out_dir, name))
         info = {"source": mask_model_uri, "pixels": masking.model_pixels(model), "file": name}
