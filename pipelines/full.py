@@ -128,8 +128,8 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
             # Uncached: round 0 reads the training CSV at results_uri, so a scheduled run continues the
             # search; for the same history it proposes the same batch, whose finished trials are cache hits.
             proposal.set_display_name(f"suggest-round-{round_index}").set_caching_options(False)
-            with dsl.ParallelFor(proposal.outputs["Output"], parallelism=parallelism) as config:
-                trial = place(train(config=config, variants=variants, epochs=epochs, batch_size=batch_size,
+            with dsl.ParallelFor(proposal.outputs["Output"], parallelism=parallelism) as proposed:
+                trial = place(train(config=proposed, variants=variants, epochs=epochs, batch_size=batch_size,
                                     patience=patience, clahe_clip=clahe_clip, seed=seed,
                                     run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, checkpoint_root=results_uri),
                               placement, gpu=True, retry=True)
