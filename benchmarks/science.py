@@ -166,7 +166,7 @@ def report(res: dict) -> str:
                          f"{d['train_seconds'] / 60:.1f} min |")
         d = p["paired_auc"]
         lines += [f"| difference (paired bootstrap) | {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f}), "
-                  f"p={d['p_value']:.3f} | | | pretraining {p['pretrain']['seconds'] / 60:.1f} min on "
+                  f"p={max(d['p_value'], 0.001):.3f}{' (bound)' if d['p_value'] < 0.001 else ''} | | | pretraining {p['pretrain']['seconds'] / 60:.1f} min on "
                   f"{p['pretrain']['images']} images |", ""]
     if "best" in res:
         b = res["best"]
