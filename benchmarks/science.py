@@ -165,8 +165,9 @@ def report(res: dict) -> str:
             lines.append(f"| {name} | {_fmt_ci(d, 'auc')} | {d['sensitivity']:.3f} | {d['specificity']:.3f} | "
                          f"{d['train_seconds'] / 60:.1f} min |")
         d = p["paired_auc"]
+        p_text = "p < 0.001" if d["p_value"] < 0.001 else f"p = {d['p_value']:.3f}"  # 1000 bootstrap draws
         lines += [f"| difference (paired bootstrap) | {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f}), "
-                  f"p={max(d['p_value'], 0.001):.3f}{' (bound)' if d['p_value'] < 0.001 else ''} | | | pretraining {p['pretrain']['seconds'] / 60:.1f} min on "
+                  f"{p_text} | | | pretraining {p['pretrain']['seconds'] / 60:.1f} min on "
                   f"{p['pretrain']['images']} images |", ""]
     if "best" in res:
         b = res["best"]
