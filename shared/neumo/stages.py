@@ -14,6 +14,7 @@ import numpy as np
 
 from neumo import ingest as ni
 from neumo import storage
+from neumo.tuning import KEYS as TRIAL_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,6 @@ def _read_records(path: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-_KEYS = ("pixels", "mask", "model", "frozen_layers", "learning_rate", "loss", "augmentation", "class_weight")
 
 
 def _trial_point(row: dict) -> dict:
@@ -296,7 +296,7 @@ def _trial_point(row: dict) -> dict:
             return float(v)
         return str(v)
 
-    point = {k: parse(k, row[k]) for k in _KEYS}
+    point = {k: parse(k, row[k]) for k in TRIAL_KEYS}
     score = row.get("score")
     point["score"] = float(score) if score not in (None, "", "nan") and row.get("status", "ok") == "ok" else None
     return point
@@ -443,7 +443,7 @@ def _best_figures(ok_records: list[dict]) -> dict[str, bytes]:
 
 def failed_row(config: dict, error: str, run_id: str = "", seed: int = 0) -> dict:
     """The training-CSV row of a trial that could not finish, with the reason."""
-    row = {k: config.get(k, "") for k in _KEYS}
+    row = {k: config.get(k, "") for k in TRIAL_KEYS}
     for k in ("pixels", "model", "frozen_layers"):  # KFP's local runner hands ints over as floats
         if isinstance(row[k], float) and row[k].is_integer():
             row[k] = int(row[k])

@@ -20,12 +20,13 @@ from functools import partial
 
 import numpy as np
 
+from neumo.data import AUGMENTATIONS  # the augmentations the input pipeline implements
+
 log = logging.getLogger(__name__)
 
 ALLOWED_PIXELS = (64, 128, 256, 512)
 MODELS = (1, 2)
 LOSSES = ("bce", "weighted_bce", "focal")
-AUGMENTATIONS = ("none", "light", "strong")
 KEYS = ("pixels", "mask", "model", "frozen_layers", "learning_rate", "loss", "augmentation", "class_weight")
 DISCRETE = tuple(k for k in KEYS if k != "learning_rate")
 ORDERED = ("pixels", "frozen_layers")  # kept as ordered integer ranges for mango (pixels as log2)
