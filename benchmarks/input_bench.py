@@ -77,9 +77,9 @@ def main(argv=None) -> None:
             rows = [("in memory (load_fold + make_dataset)", "none",
                      lambda: nd.make_dataset(nd.load_fold(variant, "train"), 8, "none", True, 0))]
             for aug in ("none", "light"):
-                rows.append((f"streamed, cached", aug,
+                rows.append(("streamed, cached", aug,
                              lambda aug=aug: nd.stream_dataset(variant, "train", 8, aug, True, 0)))
-                rows.append((f"streamed, no cache", aug,
+                rows.append(("streamed, no cache", aug,
                              lambda aug=aug: nd.stream_dataset(variant, "train", 8, aug, True, 0, cache_bytes=0)))
             for label, aug, make in rows:
                 first, later = epoch_rate(make())

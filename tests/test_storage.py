@@ -266,14 +266,18 @@ class FlakyProxy:
 @pytest.fixture
 def flaky(gcs_bucket: str, gcs_emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FlakyProxy, str]]:
     """(proxy, bucket): the storage client talks to the emulator through a FlakyProxy; retries are fast."""
-    proxy = FlakyProxy(gcs_emulator)
+    yield from through_proxy(FlakyProxy(gcs_emulator), gcs_bucket, monkeypatch)
+
+
+def through_proxy(proxy, bucket: str, monkeypatch: pytest.MonkeyPatch):
+    """Point the storage client at `proxy` (in front of the emulator) with fast retries; yield (proxy, bucket)."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
     # google-cloud-storage 3.17 otherwise GETs bucket metadata from a background thread,
     # which would consume a fault meant for the call under test.
     monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
     monkeypatch.setattr(storage, "RETRY", storage.RETRY.with_delay(initial=0.01, maximum=0.05).with_timeout(10))
     storage.reset_client()
-    yield proxy, gcs_bucket
+    yield proxy, bucket
     proxy.close()
     storage.reset_client()
 

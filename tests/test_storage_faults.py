@@ -20,8 +20,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 
 from neumo import results, storage
-from tests.conftest import _emulator_executable, _free_port
-from tests.test_storage import FlakyProxy, flaky  # noqa: F401 - flaky is a fixture used here
+from tests.conftest import _emulator_executable, _free_port, stop_process
+from tests.test_storage import FlakyProxy, flaky, through_proxy  # noqa: F401 - flaky is a fixture used here
 
 COLUMNS = ["writer", "n", "note"]
 WRITERS, ROWS_EACH = 8, 5
@@ -45,15 +45,6 @@ def _start_emulator(port: int, data_dir: Path) -> subprocess.Popen:
     pytest.fail("the emulator did not start")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def test_server_restart_mid_run_is_retried(tmp_path, monkeypatch):
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage as gcs
@@ -69,7 +60,7 @@ def test_server_restart_mid_run_is_retried(tmp_path, monkeypatch):
         gcs.Client(project="neumo-local", credentials=AnonymousCredentials()).create_bucket("restart-bucket")
         storage.write_bytes("gs://restart-bucket/run/a.txt", b"before the restart")
 
-        _stop(proc)  # the server goes away mid-run ...
+        stop_process(proc)  # the server goes away mid-run ...
         restarter = threading.Thread(target=lambda: (time.sleep(1.0), procs.append(_start_emulator(port, tmp_path))))
         restarter.start()
         started = time.monotonic()
@@ -82,7 +73,7 @@ def test_server_restart_mid_run_is_retried(tmp_path, monkeypatch):
         assert waited >= 0.9  # the read really spanned the outage
     finally:
         for p in procs:
-            _stop(p)
+            stop_process(p)
         storage.reset_client()
 
 
@@ -224,14 +215,7 @@ class GenerationProxy(FlakyProxy):
 
 @pytest.fixture
 def generations(gcs_bucket: str, gcs_emulator: str, monkeypatch) -> Iterator[tuple[GenerationProxy, str]]:
-    proxy = GenerationProxy(gcs_emulator)
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
-    monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
-    monkeypatch.setattr(storage, "RETRY", storage.RETRY.with_delay(initial=0.01, maximum=0.05).with_timeout(10))
-    storage.reset_client()
-    yield proxy, gcs_bucket
-    proxy.close()
-    storage.reset_client()
+    yield from through_proxy(GenerationProxy(gcs_emulator), gcs_bucket, monkeypatch)
 
 
 def test_preconditions_are_enforced_by_the_test_proxy(generations):

@@ -6,8 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from neumo import data as nd
-from neumo import ingest, preprocess, stages, synthetic, training
+from neumo import ingest, stages, synthetic, training
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from neumo.tuning import KEYS as TRIAL_KEYS
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
-CATALOG = "catalog.json"
 
 
 def _write_json(path: str, obj) -> None:
@@ -304,14 +303,9 @@ def _trial_point(row: dict) -> dict:
 
 def _in_space(row: dict, space) -> bool:
     try:
-        p = _trial_point(row)
+        return space.contains(_trial_point(row))
     except (KeyError, ValueError):
         return False
-    lo, hi = space.learning_rate
-    return (p["pixels"] in space.pixels and p["mask"] in space.mask and p["model"] in space.model
-            and p["frozen_layers"] in space.frozen_layers and lo <= p["learning_rate"] <= hi
-            and p["loss"] in space.loss and p["augmentation"] in space.augmentation
-            and p["class_weight"] in space.class_weight)
 
 
 # --- one trial: train, evaluate -------------------------------------------------------------
