@@ -25,7 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, metavar="FILE", help="the trial configuration (JSON)")
     p.add_argument("--compile", nargs="?", const="neumo-single.yaml", metavar="PATH")
     args, rest = p.parse_known_args(argv)
-    config = json.loads(Path(args.config).read_text())
+    try:
+        config = json.loads(Path(args.config).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"--config {args.config}: cannot read a JSON trial configuration ({err})") from err
     if not isinstance(config, dict):
         raise SystemExit(f"{args.config} must hold a JSON object of the trial's hyperparameters")
     base = ["--rounds", "1", "--trials", "1", "--parallelism", "1", "--name", "neumo-single",
