@@ -56,7 +56,7 @@ DEFAULT_SPACE = {
 # Every pipeline parameter with its default; `--set name=value` overrides, types follow these.
 DEFAULTS = {
     "dataset_uri": "", "results_uri": "", "masks_uri": "", "pretrain_uri": "", "mask_model_uri": "",
-    "search_space": DEFAULT_SPACE, "sample_per_class": 0, "clahe_clip": 0.0,
+    "search_space": DEFAULT_SPACE, "sample_per_class": 0, "clahe_clip": 0.0, "acquisition_copies": 1,
     "mask_pixels": 256, "mask_epochs": 10, "mask_max_images": 0,
     "pretrain_epochs": 10, "filters": 16, "depth": 4,
     "epochs": 10, "batch_size": 8, "patience": 3, "bootstrap": 1000, "seed": 0,
@@ -85,6 +85,7 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
         search_space: dict = DEFAULT_SPACE,
         sample_per_class: int = 0,
         clahe_clip: float = 0.0,
+        acquisition_copies: int = 1,
         mask_pixels: int = 256,
         mask_epochs: int = 10,
         mask_max_images: int = 0,
@@ -114,7 +115,7 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
                       retry=True)
         with dsl.ParallelFor(planned.output, parallelism=parallelism) as variant:
             prepared = place(preprocess(manifest=manifest, masks=masks.outputs["masks"], variant=variant,
-                                        clahe_clip=clahe_clip), placement)
+                                        clahe_clip=clahe_clip, acquisition_copies=acquisition_copies), placement)
             backbone = place(pretrain(data=prepared.outputs["data"], epochs=pretrain_epochs, filters=filters,
                                       depth=depth, seed=seed), placement, gpu=True, retry=True)
         variants = place(catalog(data=dsl.Collected(prepared.outputs["data"]),

@@ -102,6 +102,21 @@ def test_augmentation_light_changes_images_keeps_shape(tmp_path):
     np.testing.assert_array_equal(y[:, 0], fold.targets)
 
 
+def test_strong_augmentation_adds_grain_to_some_images():
+    """Detector grain: on a flat image only the noise can change pixels, so some images of a
+    strong batch turn grainy (std up to nd._AUG_RANGES["strong"][4]) and others stay flat."""
+    import tensorflow as tf
+
+    flat = tf.fill((64, 32, 32, 1), 128.0)
+    out = nd.augmenter("strong", seed=3)(flat).numpy()
+    centre = out[:, 8:24, 8:24, 0]  # away from the zero fill of shifts and rotations
+    stds = centre.reshape(64, -1).std(axis=1)
+    grainy = stds > 1.0
+    assert 10 < grainy.sum() < 54  # about half
+    assert stds.max() < 1.2 * nd._AUG_RANGES["strong"][4]
+    assert out.min() >= 0 and out.max() <= 255
+
+
 def test_stream_class_weights_and_targets_as_images(tmp_path):
     fold = _variant(tmp_path)
     cw = nd.class_weights(fold.targets)

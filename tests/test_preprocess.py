@@ -130,3 +130,34 @@ def test_config_rejects(bad):
 def test_masked_variant_needs_masks():
     with pytest.raises(ValueError, match="mask"):
         preprocess.run([], preprocess.PreprocessConfig(pixels=64, mask=True), "/nonexistent")
+
+
+def test_acquisition_copies_only_for_train_and_reproducible(image_set, tmp_path):
+    root, rows = image_set
+    cfg = dict(pixels=PIXELS, mask=True, acquisition_copies=2, shard_bytes=8 * PIXELS * PIXELS)
+    one = preprocess.run(rows, preprocess.PreprocessConfig(workers=1, **cfg), str(tmp_path / "one"), root)
+    two = preprocess.run(rows, preprocess.PreprocessConfig(workers=2, **cfg), str(tmp_path / "two"), root)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")  # the copies too: byte for byte
+    assert one["acquisition_copies"] == 2
+    train = nd.load_fold(str(tmp_path / "one"), "train")
+    originals = [r["id"] for r in rows if r["fold"] == "train"]
+    assert one["counts"]["train"] == len(originals) and len(train) == 3 * len(originals)
+    assert sorted(train.ids) == sorted(originals + [f"{i}~acq{k}" for k in (1, 2) for i in originals])
+    plain = nd.load_fold(str(tmp_path / "one"), "valid")
+    assert all(preprocess.COPY_MARK not in i for i in plain.ids)
+    by_id = dict(zip(train.ids, train.images))
+    for i in originals:  # each copy is the same chest, changed, with the same label
+        assert not np.array_equal(by_id[i], by_id[f"{i}~acq1"]) and not np.array_equal(by_id[i], by_id[f"{i}~acq2"])
+    targets = dict(zip(train.ids, train.targets))
+    assert all(targets[f"{i}~acq1"] == targets[i] for i in originals)
+    # copy 0 (no copies) is exactly the seed chain's variant
+    base = preprocess.run(rows, preprocess.PreprocessConfig(workers=1, pixels=PIXELS, mask=True), str(tmp_path / "b"), root)
+    assert base["acquisition_copies"] == 0
+    stored = dict(zip(nd.load_fold(str(tmp_path / "b"), "train").ids, nd.load_fold(str(tmp_path / "b"), "train").images))
+    assert all(np.array_equal(stored[i], by_id[i]) for i in originals)
+
+
+@pytest.mark.parametrize("copies", [-1, 5, 1.5])
+def test_acquisition_copies_rejects(copies):
+    with pytest.raises(ValueError, match="acquisition_copies"):
+        preprocess.PreprocessConfig(pixels=64, acquisition_copies=copies)

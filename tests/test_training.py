@@ -11,19 +11,21 @@ from neumo import ingest, stages, synthetic, training
 
 @pytest.fixture(scope="module")
 def variant(tmp_path_factory):
-    """A tiny prepared 64 px variant and its pretrained 2-level backbone."""
+    """A tiny prepared 64 px variant (one acquisition copy of each train image, as the pipeline
+    makes) and its pretrained 2-level backbone."""
     root = tmp_path_factory.mktemp("variant")
     synthetic.write_kaggle(str(root / "data"), {"train": (12, 12), "test": (3, 3)}, size=64, seed=4)
     synthetic.write_nih(str(root / "nih"), 8, size=64, seed=5)
     stages.ingest(ingest.IngestConfig(str(root / "data"), pretrain_uri=str(root / "nih")), str(root / "m"))
-    stages.preprocess(str(root / "m"), {"pixels": 64, "mask": False}, str(root / "p"), workers=1)
+    stages.preprocess(str(root / "m"), {"pixels": 64, "mask": False}, str(root / "p"), workers=1, acquisition_copies=1)
     info = stages.pretrain(str(root / "p"), str(root / "b"), training.PretrainConfig(depth=2, filters=4, epochs=2))
     return root, info
 
 
 def test_pretraining_uses_unlabelled_and_train_images(variant):
     root, info = variant
-    assert info["source"].startswith("8 unlabelled + ")
+    train = sum(r["fold"] == "train" for r in stages.load_manifest(str(root / "m")))
+    assert info["source"] == f"8 unlabelled + {train} train"  # the originals: acquisition copies are for classifiers
     total = sum(int(n) for n in info["source"].split() if n.isdigit())
     assert info["images"] == total - max(1, total // 10)  # a tenth held out for the validation loss
     assert np.isfinite(info["best_val_loss"])

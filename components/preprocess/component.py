@@ -12,15 +12,19 @@ def preprocess(
     data: Output[Dataset],
     clahe_clip: float = 0.0,
     workers: int = 0,
+    acquisition_copies: int = 1,
 ):
     """The seed's preprocessing for one (pixels, mask) variant: lung mask applied when asked, grey,
     resize, CLAHE (clip 0 = OpenCV's default), stored as uint8 shards per fold; the z-score is
-    applied when training reads them."""
+    applied when training reads them. `acquisition_copies` extra copies of each train image pass
+    through a random other acquisition (tighter field of view, sensor noise) before the chain."""
     import logging
 
     from neumo import stages
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    info = stages.preprocess(manifest.path, variant, data.path, masks.path, clahe_clip or None, workers)
+    info = stages.preprocess(manifest.path, variant, data.path, masks.path, clahe_clip or None, workers,
+                             acquisition_copies)
     data.metadata.update({"pixels": info["pixels"], "mask": info["mask"], "data_version": info["data_version"],
+                          "acquisition_copies": info["acquisition_copies"],
                           "images": sum(info["counts"].values())})

@@ -56,7 +56,8 @@ def _mask(a):
 def _preprocess(a):
     from neumo import stages
 
-    return stages.preprocess(a.manifest, {"pixels": a.pixels, "mask": a.mask}, a.out, a.masks, a.clahe_clip, a.workers)
+    return stages.preprocess(a.manifest, {"pixels": a.pixels, "mask": a.mask}, a.out, a.masks, a.clahe_clip, a.workers,
+                             a.acquisition_copies)
 
 
 def _pretrain(a):
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask", action="store_true")
     s.add_argument("--clahe-clip", type=float, default=None)
     s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--acquisition-copies", type=int, default=1,
+                   help="extra copies of each train image through a random other acquisition (0-4)")
     s.add_argument("--out", required=True)
 
     s = stage("pretrain", _pretrain, "pretrain the U-Net autoencoder (restoration task) on a variant")

@@ -128,14 +128,19 @@ def load_fold(uri: str, fold: str) -> Fold:
 #: Augmentation strengths: rotation (fraction of a full turn), shift and zoom (fractions of the
 #: image side), gamma (log-range of the random exponent).
 # strong: +-20% zoom covers another field of view (the zoom shift in benchmarks/science.py)
-_AUG_RANGES = {"light": (0.014, 0.05, 0.05, 0.1), "strong": (0.028, 0.1, 0.2, 0.3)}
+#: (rotation in turns, shift and zoom as fractions, log-gamma, detector-noise std in grey levels).
+#: The noise is added after the seed's CLAHE, where a noisy detector's grain ends up: noise of
+#: std 12 on a raw image measures as std ~30 on the stored 64-256 px images (CLAHE amplifies it),
+#: so strong draws up to 30. Without it a classifier reads grain as opacity (benchmarks/science.py).
+_AUG_RANGES = {"light": (0.014, 0.05, 0.05, 0.1, 8.0), "strong": (0.028, 0.1, 0.2, 0.3, 30.0)}
 
 
 def augmenter(kind: str, seed: int):
     """A batch augmentation for float32 (B, p, p, 1) images in 0..255 (same shape out), or None for "none".
 
     Geometric changes (small rotations, shifts, zoom, drawn per image and applied as ONE affine
-    resampling, bilinear, zero fill) and a random gamma; no left-right flip (the heart sits on the
+    resampling, bilinear, zero fill), a random gamma and, on half the images, detector grain
+    (Gaussian noise of a random std); no left-right flip (the heart sits on the
     left: a flipped chest is not a plausible X-ray). Brightness and contrast shifts would be undone
     by the per-image z-score, so gamma (non-linear) stands in. The same ranges as Keras'
     RandomRotation/RandomTranslation/RandomZoom, at a third of their cost (one resampling, not three).
@@ -144,7 +149,7 @@ def augmenter(kind: str, seed: int):
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {kind!r}")
     if kind == "none":
         return None
-    rot, shift, zoom, gamma = _AUG_RANGES[kind]
+    rot, shift, zoom, gamma, grain = _AUG_RANGES[kind]
 
     def augment(x):
         import math
@@ -171,7 +176,11 @@ def augmenter(kind: str, seed: int):
             interpolation="BILINEAR", fill_mode="CONSTANT")
         g = tf.exp(draw(4, -gamma, gamma))[:, None, None, None]
         # (x/255)**g as exp(g log(x/255)): 3x faster than tf.pow with a broadcast exponent; log 0 -> 0
-        return 255.0 * tf.exp(g * tf.math.log(tf.clip_by_value(x / 255.0, 0.0, 1.0)))
+        x = 255.0 * tf.exp(g * tf.math.log(tf.clip_by_value(x / 255.0, 0.0, 1.0)))
+        # half the images get detector grain of a random std in (0, grain)
+        std = draw(5, -grain, grain)[:, None, None, None]
+        std = tf.maximum(std, 0.0)
+        return tf.clip_by_value(x + std * tf.random.normal(tf.shape(x), seed=seed + 6), 0.0, 255.0)
 
     return augment
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neumo import data as nd
-from neumo import imaging, storage
+from neumo import imaging, shifts, storage
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ SHARD_BYTES = 100 * 2**20
 MIN_SHARDS = 10
 #: Never make shards smaller than this many images (unless shard_bytes forces it).
 MIN_SHARD_IMAGES = 16
+#: Most acquisition copies of each train image (each one adds a train fold's worth of training time).
+MAX_COPIES = 4
+#: Marks the id of an acquisition copy: "<image id>~acq<k>".
+COPY_MARK = "~acq"
 #: Log progress at most this often (seconds), and at the end of every fold.
 LOG_EVERY_S = 10.0
 
@@ -41,6 +45,10 @@ LOG_EVERY_S = 10.0
 class PreprocessConfig:
     """One data variant: output size, lung masking, CLAHE clip (None = OpenCV's default 40).
 
+    `acquisition_copies`: extra copies of every TRAIN-fold image, each through a random other
+    acquisition (a tighter field of view, sensor noise) before the seed's chain: augmentation
+    that must happen before CLAHE to be realistic, so it is stored once here rather than drawn
+    per batch. Stored after the originals with ids "<id>~acq<k>"; other folds are never copied.
     `workers`: processes decoding in parallel (0 = one per core, 1 = in this process).
     `shard_bytes`: the largest shard; `min_shards`: shards per fold wanted when it has enough images.
     """
@@ -48,6 +56,7 @@ class PreprocessConfig:
     pixels: int
     mask: bool = False
     clahe_clip: float | None = None
+    acquisition_copies: int = 0
     workers: int = 0
     shard_bytes: int = SHARD_BYTES
     min_shards: int = MIN_SHARDS
@@ -56,6 +65,8 @@ class PreprocessConfig:
         if not isinstance(self.pixels, int) or self.pixels < 8:
             raise ValueError(f"pixels must be an integer >= 8, got {self.pixels!r}")
         imaging.clahe_limit(self.clahe_clip)
+        if not isinstance(self.acquisition_copies, int) or not 0 <= self.acquisition_copies <= MAX_COPIES:
+            raise ValueError(f"acquisition_copies must be an integer in 0..{MAX_COPIES}, got {self.acquisition_copies!r}")
         if self.workers < 0 or self.shard_bytes < 1 or self.min_shards < 1:
             raise ValueError(f"workers must be >= 0 (0 = one per core), shard_bytes and min_shards >= 1: {self}")
 
@@ -72,14 +83,21 @@ def mask_path(masks_uri: str, image_id: str) -> str:
     return storage.join(masks_uri, "masks", os.path.splitext(image_id)[0] + ".png")
 
 
-def prepare_one(args: tuple[str, str, int, float | None]) -> np.ndarray:
-    """uint8 (p, p) for one image uri (and its mask uri or ""): the stored form of the seed chain."""
-    uri, mask_uri, pixels, clip = args
+def prepare_one(args: tuple[str, str, int, float | None, str, int]) -> np.ndarray:
+    """uint8 (p, p) for one image: the stored form of the seed chain.
+
+    args: (image uri, mask uri or "", pixels, CLAHE clip, image id, acquisition copy). Copy 0 is
+    the image as acquired; copy k > 0 first passes the raw (masked) image through a random
+    acquisition (shifts.acquisition), drawn from (copy, id) so any worker makes the same bytes.
+    """
+    uri, mask_uri, pixels, clip, image_id, copy = args
     try:
         image = imaging.decode(storage.read_bytes(uri))
         if mask_uri:
             mask = imaging.read_grey(storage.read_bytes(mask_uri)) > 127
             image = imaging.apply_mask(imaging.to_grey(image), mask)
+        if copy:
+            image = shifts.acquisition(imaging.to_grey(image), shifts.acquisition_rng(image_id, copy))
         return imaging.prepare_uint8(image, pixels, clip)
     except Exception as err:  # name the image (notes survive the pool's pickling); re-raised as is
         err.add_note(f"while preprocessing {uri}")
@@ -103,12 +121,16 @@ def _shard_jobs(manifest: list[dict], config: PreprocessConfig, masks_uri: str):
     plan = []
     for fold in nd.FOLDS:
         rows = sorted(by_fold.get(fold, []), key=lambda r: r["id"])
-        per = images_per_shard(len(rows), config.pixels, config.shard_bytes, config.min_shards)
-        for s, lo in enumerate(range(0, len(rows), per)):
-            chunk = rows[lo:lo + per]
+        copies = [(r, 0) for r in rows]
+        if fold == "train":
+            copies += [(r, k) for k in range(1, config.acquisition_copies + 1) for r in rows]
+        per = images_per_shard(len(copies), config.pixels, config.shard_bytes, config.min_shards)
+        for s, lo in enumerate(range(0, len(copies), per)):
+            chunk = copies[lo:lo + per]
             jobs = [(r["uri"], mask_path(masks_uri, r["id"]) if config.mask else "", config.pixels,
-                     config.clahe_clip) for r in chunk]
-            plan.append((fold, s, chunk, jobs))
+                     config.clahe_clip, r["id"], k) for r, k in chunk]
+            stored = [{**r, "id": f"{r['id']}{COPY_MARK}{k}"} if k else r for r, k in chunk]
+            plan.append((fold, s, stored, jobs))
     return by_fold, plan
 
 
@@ -120,7 +142,7 @@ def run(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri:
     if config.mask and not masks_uri:
         raise ValueError("a masked variant needs the mask stage's output (no lung-mask model was available)")
     by_fold, plan = _shard_jobs(manifest, config, masks_uri)
-    total = sum(len(v) for v in by_fold.values())
+    total = sum(len(rows) for _, _, rows, _ in plan)
     workers = max(1, min(config.workers or os.cpu_count() or 1, total))
     logger.info("preprocess %dpx mask=%s: %d images in %d shards, %d worker(s)", config.pixels, config.mask,
                 total, len(plan), workers)
@@ -164,7 +186,8 @@ def run(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri:
             pool.join()
     seconds = time.monotonic() - start
     counts = {fold: len(by_fold.get(fold, [])) for fold in nd.FOLDS}
-    info = {"pixels": config.pixels, "mask": config.mask, "clahe_clip": config.clahe_clip, "counts": counts,
+    info = {"pixels": config.pixels, "mask": config.mask, "clahe_clip": config.clahe_clip,
+            "acquisition_copies": config.acquisition_copies, "counts": counts,
             "data_version": data_version, "seconds": round(seconds, 2),
             "images_per_s": round(total / seconds, 1) if seconds else None, "workers": workers,
             "shards": shards}

@@ -1,13 +1,24 @@
-"""Acquisition shifts that mimic another hospital's X-rays, for robustness checks.
+"""Acquisition shifts that mimic another hospital's X-rays: fixed ones for robustness checks
+(SHIFTS), random ones for training data (`acquisition`).
 
-Each shift maps a grey uint8 image (H, W) to a grey uint8 image of the same shape, and is
-applied to the raw image BEFORE the seed's preprocessing, as a different scanner would.
+Each shift maps a grey uint8 image (H, W) to a grey uint8 image, and is applied to the raw image
+BEFORE the seed's preprocessing, as a different scanner would. That order matters: CLAHE's tiles
+and clip follow the framing and the grain, so the same zoom applied after CLAHE (as batch
+augmentation does) is a different, milder change (benchmarks/science.py measured it).
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import cv2
 import numpy as np
+
+#: Random training acquisitions: each side of the field of view keeps this fraction (uniform) ...
+ACQ_KEEP = (0.75, 1.0)
+#: ... and this share of the copies get sensor noise of a std drawn uniformly up to ACQ_NOISE_STD.
+ACQ_NOISE_SHARE = 0.5
+ACQ_NOISE_STD = 15.0
 
 
 def gamma(image: np.ndarray, g: float) -> np.ndarray:
@@ -55,3 +66,26 @@ SHIFTS = {
     "zoom 0.85": zoom,
     "text marker": marker,
 }
+
+
+def acquisition_rng(image_id: str, copy: int, seed: int = 0) -> np.random.Generator:
+    """The generator for copy `copy` of an image: fixed by (seed, copy, id), whatever the worker."""
+    digest = hashlib.sha256(f"{seed}:{copy}:{image_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def acquisition(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random other acquisition of the same chest, for training: a tighter field of view at a
+    random position (each side keeps ACQ_KEEP of the frame) and, on ACQ_NOISE_SHARE of the calls,
+    sensor noise. Grey uint8 (H, W) in, grey uint8 (h, w) out (the seed's resize follows)."""
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise ValueError(f"need a grey uint8 (H, W) image, got {image.dtype} {image.shape}")
+    h, w = image.shape
+    keep = rng.uniform(*ACQ_KEEP, size=2)
+    ch, cw = max(1, int(round(h * keep[0]))), max(1, int(round(w * keep[1])))
+    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    out = image[y0:y0 + ch, x0:x0 + cw]
+    if rng.random() < ACQ_NOISE_SHARE:
+        std = rng.uniform(0.0, ACQ_NOISE_STD)
+        out = np.clip(out + rng.normal(0.0, std, out.shape), 0, 255).astype(np.uint8)
+    return out

@@ -169,12 +169,12 @@ def mask(manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24) 
 # --- preprocess, pretrain, catalog ----------------------------------------------------------
 
 def preprocess(manifest_dir: str, variant: dict, out_dir: str, masks_dir: str = "", clahe_clip: float | None = None,
-               workers: int = 0) -> dict:
+               workers: int = 0, acquisition_copies: int = 0) -> dict:
     """Prepare one (pixels, mask) variant of every manifest image as uint8 shards per fold."""
     from neumo.preprocess import PreprocessConfig, run
 
     config = PreprocessConfig(pixels=int(variant["pixels"]), mask=bool(variant["mask"]), clahe_clip=clahe_clip,
-                              workers=workers)
+                              workers=workers, acquisition_copies=acquisition_copies)
     if config.mask and not (masks_dir and _read_json(os.path.join(masks_dir, "masks.json")).get("available")):
         raise ValueError("a masked variant was asked for, but the mask stage produced no masks")
     summary = _read_json(storage.join(manifest_dir, "summary.json"))
@@ -186,10 +186,13 @@ def pretrain(variant_dir: str, out_dir: str, config=None) -> dict:
     unused; never the valid, val or test images, which judge the classifiers)."""
     from neumo import data as nd
     from neumo import training
+    from neumo.preprocess import COPY_MARK
 
     config = config or training.PretrainConfig()
     info = nd.read_variant(variant_dir)
     folds = [nd.load_fold(variant_dir, f) for f in ("unlabelled", "train")]
+    originals = np.array([COPY_MARK not in str(i) for i in folds[1].ids], bool)  # acquisition copies are for classifiers
+    folds[1] = nd.Fold(folds[1].images[originals], folds[1].targets[originals], folds[1].ids[originals])
     images = nd.Fold(*(np.concatenate([getattr(f, k) for f in folds]) for k in ("images", "targets", "ids")))
     source = f"{len(folds[0])} unlabelled + {len(folds[1])} train"
     if len(images) < 2:
