@@ -126,12 +126,11 @@ def load_fold(uri: str, fold: str) -> Fold:
 
 
 #: Augmentation strengths: rotation (fraction of a full turn), shift and zoom (fractions of the
-#: image side), gamma (log-range of the random exponent).
-# strong: +-20% zoom covers another field of view (the zoom shift in benchmarks/science.py)
-#: (rotation in turns, shift and zoom as fractions, log-gamma, detector-noise std in grey levels).
-#: The noise is added after the seed's CLAHE, where a noisy detector's grain ends up: noise of
-#: std 12 on a raw image measures as std ~30 on the stored 64-256 px images (CLAHE amplifies it),
-#: so strong draws up to 30. Without it a classifier reads grain as opacity (benchmarks/science.py).
+#: image side), gamma (log-range of the random exponent), detector grain (largest noise std, grey
+#: levels). The grain is added after the seed's CLAHE, where a noisy detector's grain ends up:
+#: noise of std 12 on a raw image measures as std ~30 on the stored images (the INTER_LINEAR
+#: resize keeps it, CLAHE amplifies it), so strong draws up to 30. Without it a classifier reads
+#: grain as opacity (benchmarks/science.py).
 _AUG_RANGES = {"light": (0.014, 0.05, 0.05, 0.1, 8.0), "strong": (0.028, 0.1, 0.2, 0.3, 30.0)}
 
 
@@ -178,8 +177,7 @@ def augmenter(kind: str, seed: int):
         # (x/255)**g as exp(g log(x/255)): 3x faster than tf.pow with a broadcast exponent; log 0 -> 0
         x = 255.0 * tf.exp(g * tf.math.log(tf.clip_by_value(x / 255.0, 0.0, 1.0)))
         # half the images get detector grain of a random std in (0, grain)
-        std = draw(5, -grain, grain)[:, None, None, None]
-        std = tf.maximum(std, 0.0)
+        std = tf.maximum(draw(5, -grain, grain), 0.0)[:, None, None, None]
         return tf.clip_by_value(x + std * tf.random.normal(tf.shape(x), seed=seed + 6), 0.0, 255.0)
 
     return augment

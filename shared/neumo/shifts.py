@@ -68,9 +68,9 @@ SHIFTS = {
 }
 
 
-def acquisition_rng(image_id: str, copy: int, seed: int = 0) -> np.random.Generator:
-    """The generator for copy `copy` of an image: fixed by (seed, copy, id), whatever the worker."""
-    digest = hashlib.sha256(f"{seed}:{copy}:{image_id}".encode()).digest()
+def acquisition_rng(image_id: str, copy: int) -> np.random.Generator:
+    """The generator for copy `copy` of an image: fixed by (copy, id), whatever the worker."""
+    digest = hashlib.sha256(f"{copy}:{image_id}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
