@@ -6,8 +6,9 @@
   (b) the pretrained encoder against a randomly initialised one under the same classifier
       (head 2, backbone fully frozen), on the patient-level valid fold of kermany_224/train;
   (c) the classifier trained in full (head 1, backbone fine-tuned, strong augmentation, class
-      weights, the pipeline's one acquisition copy of each train image) on the valid fold at the validation-chosen threshold, then under acquisition
-      shifts applied to the raw images (gamma, contrast, blur, noise, zoom, a text marker); the
+      weights, the pipeline's one acquisition copy of each train image) on the valid fold at the
+      validation-chosen threshold, then under acquisition shifts applied to the raw images
+      (gamma, contrast, blur, noise, zoom, a text marker); the
       threshold stored with the model is chosen on the same valid fold, so a cross-fitted column
       also judges each half of the valid patients at the threshold chosen on the other half.
 
@@ -155,8 +156,8 @@ def best_classifier(work: Path, rows: list[dict], pixels: int, pretrain_epochs: 
     halves = _halves(valid_rows)
     clean = score(raw)
     base = {**_summary(targets, clean, result.threshold), "crossfit": _crossfit(targets, clean, clean, halves)}
-    out = {"config": asdict(cfg), "acquisition_copies": copies, "seed": seed, "train_seconds": round(seconds, 1), "epochs": result.epochs,
-           "best_epoch": result.best_epoch, "valid": base, "shifts": {}}
+    out = {"config": asdict(cfg), "acquisition_copies": copies, "seed": seed, "train_seconds": round(seconds, 1),
+           "epochs": result.epochs, "best_epoch": result.best_epoch, "valid": base, "shifts": {}}
     for name, shift in shifts.SHIFTS.items():
         probs = score([shift(im) for im in raw])
         m = _summary(targets, probs, result.threshold)

@@ -106,7 +106,8 @@ def create_pipeline(rounds: int = 2, trials: int = 2, parallelism: int = 2, plac
                             sample_per_class=sample_per_class, seed=seed, data_fingerprint=version.output), placement)
         manifest = data.outputs["manifest"]
         planned = place(plan(search_space=search_space, manifest=manifest, mask_model_uri=mask_model_uri, depth=depth,
-                             results_uri=results_uri, config=config), placement)
+                             results_uri=results_uri, config=config, clahe_clip=clahe_clip,
+                             acquisition_copies=acquisition_copies), placement)
         lung_model = place(train_mask_model(manifest=manifest, variants=planned.output,
                                             mask_model_uri=mask_model_uri, pixels=mask_pixels, epochs=mask_epochs,
                                             filters=filters, max_images=mask_max_images, seed=seed),

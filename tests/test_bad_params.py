@@ -139,6 +139,15 @@ def test_plan_validates_the_space_against_the_data(tmp_path):
         stages.plan({**SPACE, "mask": [True]}, manifest)
 
 
+@pytest.mark.parametrize("settings,match", [
+    ({"acquisition_copies": 9}, r"acquisition_copies must be an integer in 0\.\.4, got 9"),
+    ({"clahe_clip": 3.0}, r"CLAHE clip must be one of \(None, 2.0, 20.0\)"),
+])
+def test_plan_refuses_bad_preprocessing_settings_before_gpu_time(tmp_path, settings, match):
+    with pytest.raises(ValueError, match=match):
+        stages.plan(SPACE, _manifest_dir(tmp_path), **settings)
+
+
 def test_plan_refuses_pixels_the_unet_cannot_halve_depth_times(tmp_path):
     with pytest.raises(ValueError, match=r"2\*\*depth=128"):
         stages.plan(SPACE, _manifest_dir(tmp_path), depth=7)  # 64 px cannot be halved 7 times

@@ -153,7 +153,8 @@ def test_acquisition_copies_only_for_train_and_reproducible(image_set, tmp_path)
     # copy 0 (no copies) is exactly the seed chain's variant
     base = preprocess.run(rows, preprocess.PreprocessConfig(workers=1, pixels=PIXELS, mask=True), str(tmp_path / "b"), root)
     assert base["acquisition_copies"] == 0
-    stored = dict(zip(nd.load_fold(str(tmp_path / "b"), "train").ids, nd.load_fold(str(tmp_path / "b"), "train").images))
+    plain_train = nd.load_fold(str(tmp_path / "b"), "train")
+    stored = dict(zip(plain_train.ids, plain_train.images))
     assert all(np.array_equal(stored[i], by_id[i]) for i in originals)
 
 

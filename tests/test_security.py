@@ -24,24 +24,17 @@ def _lambda_model(marker: Path) -> keras.Model:
     return keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(x))
 
 
-def test_keras_file_with_lambda_is_refused_in_safe_mode(tmp_path):
+@pytest.mark.parametrize("name,match", [
+    ("lung_mask.keras", "(?s)cannot load the mask model.*(Lambda|lambda|safe_mode)"),  # safe mode refuses it
+    ("unet_final.h5", r"refusing the mask model .*\['Lambda'\] are not standard Keras layers"),  # before loading
+])
+def test_model_file_with_lambda_is_refused(tmp_path, name, match):
     marker = tmp_path / "pwned"
     model = _lambda_model(marker)
     marker.unlink()  # building the model ran it once; loading must not
-    path = tmp_path / "lung_mask.keras"
+    path = tmp_path / name
     model.save(path)
-    with pytest.raises(ValueError, match="(?s)cannot load the mask model.*(Lambda|lambda|safe_mode)"):
-        masking.load(str(path))
-    assert not marker.exists()
-
-
-def test_legacy_h5_with_lambda_is_refused_before_loading(tmp_path):
-    marker = tmp_path / "pwned"
-    model = _lambda_model(marker)
-    marker.unlink()
-    path = tmp_path / "unet_final.h5"
-    model.save(path)
-    with pytest.raises(ValueError, match=r"refusing the mask model .*\['Lambda'\] are not standard Keras layers"):
+    with pytest.raises(ValueError, match=match):
         masking.load(str(path))
     assert not marker.exists()
 

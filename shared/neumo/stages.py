@@ -77,10 +77,12 @@ def ingest_report_markdown(summary: dict) -> str:
 # --- plan -----------------------------------------------------------------------------------
 
 def plan(search_space: dict, manifest_dir: str, mask_model_uri: str = "", depth: int = 4,
-         results_uri: str = "", config: dict | None = None) -> list[dict]:
+         results_uri: str = "", config: dict | None = None, clahe_clip: float | None = None,
+         acquisition_copies: int = 0) -> list[dict]:
     """Validate the search space (or the one `config` of a single run) against the data and the
-    U-Net depth, and check the results URI is writable, before any GPU time; the (pixels, mask)
-    variants to prepare."""
+    U-Net depth, the preprocessing settings, and check the results URI is writable, before any
+    GPU time; the (pixels, mask) variants to prepare."""
+    from neumo.preprocess import PreprocessConfig
     from neumo.training import TrialConfig
     from neumo.tuning import SearchSpace
 
@@ -93,6 +95,7 @@ def plan(search_space: dict, manifest_dir: str, mask_model_uri: str = "", depth:
     if bad:
         raise ValueError(f"search_space.pixels {bad}: pixels must be a positive multiple of 2**depth={factor} "
                          f"(depth={depth}); lower depth or use larger pixels")
+    PreprocessConfig(pixels=max(space.pixels), clahe_clip=clahe_clip, acquisition_copies=acquisition_copies)
     if results_uri:
         storage.check_writable(results_uri)  # a missing results bucket fails now, not at aggregate
     summary = _read_json(storage.join(manifest_dir, "summary.json"))
