@@ -75,12 +75,13 @@ def main(argv=None) -> None:
             print(f"{pixels}px, {args.images} images, batch 8; training step (classifier 1, U-Net f16 d4): "
                   f"{step:7.1f} images/s")
             rows = [("in memory (load_fold + make_dataset)", "none",
-                     lambda: nd.make_dataset(nd.load_fold(variant, "train"), 8, "none", True, 0))]
+                     lambda variant=variant: nd.make_dataset(nd.load_fold(variant, "train"), 8, "none", True, 0))]
             for aug in ("none", "light"):
                 rows.append(("streamed, cached", aug,
-                             lambda aug=aug: nd.stream_dataset(variant, "train", 8, aug, True, 0)))
+                             lambda aug=aug, variant=variant: nd.stream_dataset(variant, "train", 8, aug, True, 0)))
                 rows.append(("streamed, no cache", aug,
-                             lambda aug=aug: nd.stream_dataset(variant, "train", 8, aug, True, 0, cache_bytes=0)))
+                             lambda aug=aug, variant=variant: nd.stream_dataset(variant, "train", 8, aug, True, 0,
+                                                                                cache_bytes=0)))
             for label, aug, make in rows:
                 first, later = epoch_rate(make())
                 ratio = later / step

@@ -67,7 +67,7 @@ def bench(label: str, paths: list[str], pixels: int, repeat: int, workers: int, 
     def stage(w):
         out = os.path.join(out_root, f"{label}-{w}")
         shutil.rmtree(out, ignore_errors=True)
-        preprocess.run(rows, preprocess.PreprocessConfig(pixels=pixels, workers=w), out)
+        preprocess.prepare_variant(rows, preprocess.PreprocessConfig(acquisition_copies=0, pixels=pixels, workers=w), out)
 
     contenders = {"bare": lambda: [bare_loop(paths, pixels) for _ in range(repeat)], 1: lambda: stage(1)}
     if workers > 1:

@@ -30,7 +30,7 @@ from neumo import data as nd
 if task == "preprocess":
     from neumo import preprocess
     start = time.perf_counter()
-    preprocess.run(arg["rows"], preprocess.PreprocessConfig(pixels=arg["pixels"], workers=1,
+    preprocess.prepare_variant(arg["rows"], preprocess.PreprocessConfig(acquisition_copies=0, pixels=arg["pixels"], workers=1,
                    shard_bytes=arg["shard_bytes"]), arg["out"])
 else:
     import keras

@@ -33,6 +33,8 @@ import numpy as np
 
 from neumo import data as nd
 from neumo import evaluation, imaging, ingest, masking, models, shifts, stages, storage, training
+from neumo.fitting import set_seed
+from neumo.trial import TrialConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -42,9 +44,8 @@ logger = logging.getLogger("benchmarks.science")
 def _manifest(work: Path) -> list[dict]:
     out = work / "manifest"
     if not (out / stages.MANIFEST).exists():
-        config = ingest.IngestConfig(str(SHARED / "kermany_224"), masks_uri=str(SHARED / "kermany_224_lung_masks"),
-                                     pretrain_uri=str(SHARED / "nih_sample"), seed=0)
-        stages.ingest(config, str(out))
+        stages.ingest(dataset_uri=str(SHARED / "kermany_224"), masks_uri=str(SHARED / "kermany_224_lung_masks"),
+                      pretrain_uri=str(SHARED / "nih_sample"), seed=0, out_dir=str(out))
     return stages.load_manifest(str(out))
 
 
@@ -74,20 +75,21 @@ def lung_masks(work: Path, rows: list[dict], epochs: int, max_images: int) -> di
 def _variant(work: Path, pixels: int, copies: int = 0) -> str:
     out = work / (f"p{pixels}" + (f"-acq{copies}" if copies else ""))
     if not (out / "variant.json").exists():
-        stages.preprocess(str(work / "manifest"), {"pixels": pixels, "mask": False}, str(out), acquisition_copies=copies)
+        stages.preprocess(manifest_dir=str(work / "manifest"), variant={"pixels": pixels, "mask": False},
+                          out_dir=str(out), acquisition_copies=copies)
     return str(out)
 
 
 def _pretrained(work: Path, variant: str, epochs: int) -> tuple[str, dict]:
     out = work / "backbone"
     if not (out / "autoencoder.keras").exists():
-        info = stages.pretrain(variant, str(out), training.PretrainConfig(depth=4, filters=16, epochs=epochs, seed=0))
+        info = stages.pretrain(variant_dir=variant, out_dir=str(out), depth=4, filters=16, pretrain_epochs=epochs, seed=0)
     else:
         info = json.loads((out / "pretrain.json").read_text())
     return str(out / "autoencoder.keras"), info
 
 
-def _train(cfg: training.TrialConfig, settings: training.TrainSettings, variant: str, backbone: str, out: Path):
+def _train(cfg: TrialConfig, settings: training.TrainSettings, variant: str, backbone: str, out: Path):
     start = time.monotonic()
     result = training.train_trial(cfg, settings, variant, backbone, str(out))
     model = keras.saving.load_model(str(out / "model.keras"), compile=False, safe_mode=True)
@@ -105,10 +107,10 @@ def pretraining(work: Path, pixels: int, pretrain_epochs: int, epochs: int) -> d
     variant = _variant(work, pixels)
     pretrained, info = _pretrained(work, variant, pretrain_epochs)
     random_init = str(work / "random_init.keras")
-    training.set_seed(0)
+    set_seed(0)
     models.build_unet(pixels, 4, 16, "linear", 1, name="autoencoder").save(random_init)
     frozen = len([layer for layer in models.build_backbone(models.build_unet(pixels, 4, 16)).layers if layer.weights])
-    cfg = training.TrialConfig(pixels, False, 2, frozen, 1e-3, "bce", "none", True)
+    cfg = TrialConfig(pixels, False, 2, frozen, 1e-3, "bce", "none", True)
     settings = training.TrainSettings(epochs=epochs, patience=epochs, seed=0)
     valid = nd.load_fold(variant, "valid")
     out = {"pretrain": {k: info[k] for k in ("images", "source", "best_val_loss", "seconds")}}
@@ -142,7 +144,7 @@ def best_classifier(work: Path, rows: list[dict], pixels: int, pretrain_epochs: 
                     seed: int = 0) -> dict:
     backbone, _ = _pretrained(work, _variant(work, pixels), pretrain_epochs)
     variant = _variant(work, pixels, copies)
-    cfg = training.TrialConfig(pixels, False, 1, 0, 1e-3, "bce", "strong", True)
+    cfg = TrialConfig(pixels, False, 1, 0, 1e-3, "bce", "strong", True)
     result, model, seconds = _train(cfg, training.TrainSettings(epochs=epochs, patience=3, seed=seed), variant, backbone,
                                     work / "best")
     valid_rows = sorted((r for r in rows if r["fold"] == "valid"), key=lambda r: r["id"])

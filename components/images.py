@@ -1,10 +1,7 @@
-"""The project's container images: name and tag in one place.
-
-`make compile` (and `pipelines/full.py --image-tag`) rewrites the components' images at compile
-time with `pipelines.placement.set_images`, so a compiled pipeline names the tag that was pushed.
-"""
+"""The images the components are declared with: placeholders. The pipeline factory
+(`pipelines/full.py`) runs copies of the components in the images that `make build push` made for
+this commit (`pipelines/runner.py` finds them), so no compiled pipeline names these."""
 
 REGISTRY = "ghcr.io/neumo-project"
-TAG = "0.1.0"
-CPU_IMAGE = f"{REGISTRY}/neumo-cpu:{TAG}"
-GPU_IMAGE = f"{REGISTRY}/neumo-gpu:{TAG}"
+CPU_IMAGE = f"{REGISTRY}/neumo-cpu:unset"
+GPU_IMAGE = f"{REGISTRY}/neumo-gpu:unset"

@@ -1,4 +1,4 @@
-"""Where each task runs: one helper sets images, resources, GPU placement and retries.
+"""Where each task runs: the images, resources, GPU placement and retries of every task.
 
 GPU stages get the accelerator type and limit, a node selector and a toleration for the GPU node
 pool; every stage gets CPU and memory requests; stages that can be preempted get retries. Only
@@ -7,9 +7,21 @@ pool; every stage gets CPU and memory requests; stages that can be preempted get
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from kfp import kubernetes
+
+from components import images as placeholders
+
+
+@dataclass(frozen=True)
+class Images:
+    """The container images of the CPU and the GPU stages (pipelines/runner.py resolves the ones
+    `make build push` made for this commit)."""
+
+    cpu: str = placeholders.CPU_IMAGE
+    gpu: str = placeholders.GPU_IMAGE
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,8 @@ def place(task, placement: Placement, gpu: bool = False, retry: bool = False):
     return task
 
 
-def set_image(components, image: str) -> None:
-    """Point components at an image (the tag that `make push` pushed), before a pipeline is built."""
-    for component in components:
-        component.component_spec.implementation.container.image = image
+def with_image(component, image: str):
+    """A copy of a component that runs in `image`; the component itself is left as it is."""
+    component = copy.deepcopy(component)
+    component.component_spec.implementation.container.image = image
+    return component

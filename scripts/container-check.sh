@@ -4,8 +4,8 @@
 #
 #   1. tools      buildah, podman, runc, debootstrap from apt when missing (needs root)
 #   2. base       Debian bookworm (python3.11 + venv) by debootstrap, `podman import`ed; cached
-#   3. build      images/cpu/Dockerfile with buildah (chroot isolation) on that base
-#   4. inspect    labels, user, env, imports, `pip check` inside the image
+#   3. build      images/Dockerfile, FLAVOUR=cpu, with buildah (chroot isolation) on that base
+#   4. inspect    labels, user, env (no NVIDIA_VISIBLE_DEVICES), imports, `pip check` inside the image
 #   5. stage      `podman run` real stages: neumo synthetic + neumo ingest, output JSON checked
 #   6. pipeline   kfp.local DockerRunner over `podman system service`: the real ingest component
 #                 from components/, run as a container (CONTAINER_CHECK_PIPELINE=0 skips)
@@ -104,21 +104,25 @@ build() {
     if [[ -d $PIP_MIRROR/simple ]]; then
         extra+=(--volume "$PIP_MIRROR:$PIP_MIRROR:ro" --build-arg "PIP_EXTRA_INDEX_URL=file://$PIP_MIRROR/simple")
     fi
-    "${BUILDAH[@]}" bud --isolation chroot --layers=false -f images/cpu/Dockerfile \
+    # FLAVOUR always passed: buildah < 1.29 resolves `FROM flavour-${FLAVOUR}` only from a build arg.
+    "${BUILDAH[@]}" bud --isolation chroot --layers=false -f images/Dockerfile --build-arg FLAVOUR=cpu \
         --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg GIT_REVISION="$REVISION" \
         --build-arg NEUMO_IMAGE="$IMAGE" "${extra[@]}" -t "$IMAGE" .
 }
 
 inspect() {
-    local revision user
+    local revision title user
     revision=$("${PODMAN[@]}" image inspect --format '{{ index .Labels "org.opencontainers.image.revision" }}' "$IMAGE")
     [[ $revision == "$REVISION" ]] || die "label org.opencontainers.image.revision is '$revision', expected '$REVISION'"
+    title=$("${PODMAN[@]}" image inspect --format '{{ index .Labels "org.opencontainers.image.title" }}' "$IMAGE")
+    [[ $title == neumo-cpu ]] || die "label org.opencontainers.image.title is '$title', expected 'neumo-cpu'"
     user=$("${PODMAN[@]}" image inspect --format '{{ .Config.User }}' "$IMAGE")
     [[ -n $user && $user != root && $user != 0* ]] || die "image user is '$user', expected a non-root user"
     "${PODMAN[@]}" run --rm "${ULIMITS[@]}" --network none "$IMAGE" sh -ec '
         test "$(id -u)" != 0
         test "$NEUMO_GIT_REVISION" = "'"$REVISION"'"
         test "$NEUMO_IMAGE" = "'"$IMAGE"'"
+        test -z "${NVIDIA_VISIBLE_DEVICES:-}"
         test -w /gcs && test -w /minio && test -w /s3
         cd /src && python scripts/image_requirements.py --check
         python -c "import tensorflow as tf, keras, cv2, kfp, skimage, neumo.stages, mango; print(\"imports ok: tensorflow\", tf.__version__, \"keras\", keras.__version__, \"kfp\", kfp.__version__)"
@@ -169,15 +173,16 @@ import json, sys, pathlib
 import docker
 from kfp import local
 from components.ingest.component import ingest
-from pipelines.placement import set_image
+from pipelines.placement import with_image
 
 image, data = sys.argv[1], pathlib.Path(sys.argv[2])
-set_image([ingest], image)  # the component exactly as compiled for Kubeflow, pointed at the local image
+ingest = with_image(ingest, image)  # the component exactly as compiled for Kubeflow, in the local image
 
 ulimits = [docker.types.Ulimit(name="nofile", soft=1024, hard=1024), docker.types.Ulimit(name="nproc", soft=4096, hard=4096)]
 local.init(runner=local.DockerRunner(ulimits=ulimits, network_mode="none"), pipeline_root=str(data),
            raise_on_error=True)
-task = ingest(dataset_uri=str(data / "s" / "images"), masks_uri=str(data / "s" / "masks"))
+task = ingest(dataset_uri=str(data / "s" / "images"), masks_uri=str(data / "s" / "masks"), pretrain_uri="",
+              sample_per_class=0, seed=0, data_fingerprint="")
 manifest = task.outputs["manifest"]
 summary = json.loads((pathlib.Path(manifest.path) / "summary.json").read_text())
 assert summary["accepted"] == summary["files"] > 0, summary
@@ -196,19 +201,21 @@ full() {
 import sys, pathlib
 import docker
 from kfp import local
-from pipelines.full import DEFAULT_SPACE, create_pipeline
-from pipelines.placement import Placement
+from neumo import parameters
+from pipelines.full import create_pipeline
+from pipelines.placement import Images, Placement
 
 image, root = sys.argv[1], pathlib.Path(sys.argv[2])
 ulimits = [docker.types.Ulimit(name="nofile", soft=1024, hard=1024), docker.types.Ulimit(name="nproc", soft=4096, hard=4096)]
 local.init(runner=local.DockerRunner(ulimits=ulimits, network_mode="none"), pipeline_root=str(root), raise_on_error=True)
-pipeline = create_pipeline(rounds=1, trials=1, parallelism=1, placement=Placement(retries=0), cpu_image=image,
-                           gpu_image=image)
+pipeline = create_pipeline(rounds=1, trials_per_round=1, parallelism=1, placement=Placement(retries=0),
+                           images=Images(cpu=image, gpu=image))
 data = root / "s"
-pipeline(dataset_uri=str(data / "images"), masks_uri=str(data / "masks"), pretrain_uri=str(data / "nih"),
-         results_uri=str(root / "results"), mask_pixels=64, mask_epochs=1, pretrain_epochs=1, filters=4, depth=2,
-         epochs=1, patience=1, bootstrap=20,
-         search_space={**DEFAULT_SPACE, "pixels": [64], "mask": [False], "frozen_layers": [0]})
+values = parameters.apply(parameters.preset("smoke"), {
+    "dataset_uri": str(data / "images"), "masks_uri": str(data / "masks"), "pretrain_uri": str(data / "nih"),
+    "results_uri": str(root / "results"), "depth": 2, "patience": 1,
+    "search_space": {"model": [1], "frozen_layers": [0], "loss": ["bce"], "augmentation": ["none"]}})
+pipeline(**{p.name: values[p.name] for p in parameters.RUN_TIME})
 csvs = sorted(p.name for p in (root / "results").glob("*.csv"))
 assert csvs == ["image_class_evaluation_unsupervised.csv", "train_max_unsupervised.csv"], csvs
 print("DockerRunner: the whole pipeline ran in", image, "->", csvs)

@@ -201,7 +201,7 @@ def test_bad_masks_are_ignored_with_a_reason(corpus, scanned):
 def test_preprocess_runs_on_exactly_the_accepted_images(scanned, tmp_path):
     manifest = scanned[0]
     out = str(tmp_path / "p64")
-    info = preprocess.run(manifest, preprocess.PreprocessConfig(pixels=64, workers=1), out)
+    info = preprocess.prepare_variant(manifest, preprocess.PreprocessConfig(acquisition_copies=0, pixels=64, workers=1), out)
     folds = Counter(r["fold"] for r in manifest)
     assert {k: v for k, v in info["counts"].items() if v} == dict(folds)
     total = 0

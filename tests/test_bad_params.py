@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from neumo import ingest, models, preprocess, stages, storage, tuning
-from neumo.training import PretrainConfig, TrainSettings, TrialConfig
+from neumo import ingest, models, preprocess, stages, storage
+from neumo.training import PretrainConfig, TrainSettings
+from neumo.trial import SearchSpace, TrialConfig
 
 SPACE = {"pixels": [64], "mask": [False], "model": [1, 2], "frozen_layers": [0, 4], "learning_rate": [1e-5, 1e-2],
          "loss": ["bce"], "augmentation": ["none"], "class_weight": [False]}
@@ -36,18 +37,18 @@ TRIAL = {"pixels": 64, "mask": False, "model": 1, "frozen_layers": 0, "learning_
 ])
 def test_search_space_errors_name_the_parameter_and_allowed_values(change, match):
     with pytest.raises(ValueError, match=match):
-        tuning.SearchSpace.from_dict({**SPACE, **change})
+        SearchSpace.from_dict({**SPACE, **change})
 
 
 def test_empty_or_partial_search_space():
     with pytest.raises(ValueError, match=r"missing parameter\(s\) \['pixels', 'mask'"):
-        tuning.SearchSpace.from_dict({})
+        SearchSpace.from_dict({})
     with pytest.raises(ValueError, match="expected a dict"):
-        tuning.SearchSpace.from_dict([SPACE])
+        SearchSpace.from_dict([SPACE])
     partial = dict(SPACE)
     del partial["loss"]
     with pytest.raises(ValueError, match=r"missing parameter\(s\) \['loss'\]"):
-        tuning.SearchSpace.from_dict(partial)
+        SearchSpace.from_dict(partial)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -132,11 +133,11 @@ def _manifest_dir(tmp_path, with_mask=0):
 
 def test_plan_validates_the_space_against_the_data(tmp_path):
     manifest = _manifest_dir(tmp_path)
-    assert stages.plan(SPACE, manifest) == [{"pixels": 64, "mask": False}]
+    assert stages.plan(search_space=SPACE, manifest_dir=manifest) == [{"pixels": 64, "mask": False}]
     with pytest.raises(ValueError, match="'loss'"):
-        stages.plan({**SPACE, "loss": ["nope"]}, manifest)
+        stages.plan(search_space={**SPACE, "loss": ["nope"]}, manifest_dir=manifest)
     with pytest.raises(ValueError, match="search_space.mask includes true, but no image has a lung mask"):
-        stages.plan({**SPACE, "mask": [True]}, manifest)
+        stages.plan(search_space={**SPACE, "mask": [True]}, manifest_dir=manifest)
 
 
 @pytest.mark.parametrize("settings,match", [
@@ -145,12 +146,12 @@ def test_plan_validates_the_space_against_the_data(tmp_path):
 ])
 def test_plan_refuses_bad_preprocessing_settings_before_gpu_time(tmp_path, settings, match):
     with pytest.raises(ValueError, match=match):
-        stages.plan(SPACE, _manifest_dir(tmp_path), **settings)
+        stages.plan(search_space=SPACE, manifest_dir=_manifest_dir(tmp_path), **settings)
 
 
 def test_plan_refuses_pixels_the_unet_cannot_halve_depth_times(tmp_path):
     with pytest.raises(ValueError, match=r"2\*\*depth=128"):
-        stages.plan(SPACE, _manifest_dir(tmp_path), depth=7)  # 64 px cannot be halved 7 times
+        stages.plan(search_space=SPACE, manifest_dir=_manifest_dir(tmp_path), depth=7)  # 64 px cannot be halved 7 times
 
 
 def test_mask_model_file_errors(tmp_path):
@@ -196,7 +197,7 @@ def test_missing_bucket_is_file_not_found_naming_it(gcs_bucket, tmp_path):
     storage.check_writable(f"gs://{gcs_bucket}/results")  # a real bucket passes, and keeps no probe
     assert storage.list_files(f"gs://{gcs_bucket}/results") == []
     with pytest.raises(FileNotFoundError, match="no-such-bucket-neumo-test"):
-        stages.ingest(ingest.IngestConfig(missing), str(tmp_path / "out"))
+        stages.ingest(dataset_uri=missing, out_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -207,10 +208,10 @@ def test_malformed_uris_are_value_errors(uri):
 
 
 def test_pipeline_cli_without_dataset_uri_stops_before_running(tmp_path, monkeypatch):
-    from pipelines import full
+    from pipelines import full, runner
 
     ran = []
-    monkeypatch.setattr(full, "run_local", lambda *a: ran.append(a))
+    monkeypatch.setattr(runner, "run_local", lambda *a: ran.append(a))
     with pytest.raises(SystemExit, match="dataset_uri is required"):
         full.main(["--local", "--workdir", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown pipeline parameter 'pixel'"):

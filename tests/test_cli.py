@@ -38,17 +38,17 @@ def test_stages_chain_from_the_command_line(tmp_path, capsys):
     run("synthetic", "--out", f"{w}/s", "--per-class", "12", "--size", "64")
     run("ingest", "--dataset-uri", f"{w}/s/images", "--pretrain-uri", f"{w}/s/nih", "--out", f"{w}/m")
     run("preprocess", "--manifest", f"{w}/m", "--pixels", "64", "--workers", "1", "--out", f"{w}/p")
-    run("pretrain", "--data", f"{w}/p", "--depth", "2", "--filters", "4", "--epochs", "1", "--out", f"{w}/b")
+    run("pretrain", "--data", f"{w}/p", "--depth", "2", "--filters", "4", "--pretrain-epochs", "1", "--out", f"{w}/b")
     run("catalog", "--variant", f"{w}/p", f"{w}/b", "--out", f"{w}/catalog.json")
     space = {"pixels": [64], "mask": [False], "model": [1, 2], "frozen_layers": [0], "learning_rate": [1e-3, 1e-2],
              "loss": ["bce"], "augmentation": ["none"], "class_weight": [False]}
     space_file = tmp_path / "space.json"
     space_file.write_text(json.dumps(space))
-    configs = run("suggest", "--search-space", f"@{space_file}", "--batch-size", "1", "--out", f"{w}/c.json")
+    configs = run("suggest", "--search-space", f"@{space_file}", "--trials-per-round", "1", "--out", f"{w}/c.json")
     assert len(configs) == 1
     config = configs[0]
     (tmp_path / "trial.json").write_text(json.dumps(config))
-    row = run("train", "--config", f"@{w}/trial.json", "--catalog", f"{w}/catalog.json", "--epochs", "1",
+    row = run("train", "--trial", f"@{w}/trial.json", "--catalog", f"{w}/catalog.json", "--epochs", "1",
               "--out", f"{w}/t")
     assert row["status"] == "ok" and 0 <= row["val_auc"] <= 1
     evals = run("evaluate", "--model", f"{w}/t", "--catalog", f"{w}/catalog.json", "--train-row", f"{w}/t/row.json",

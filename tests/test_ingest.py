@@ -104,7 +104,7 @@ def test_ingest_from_gcs_with_nih_pretraining_set(gcs_bucket, tmp_path):
     base = f"gs://{gcs_bucket}/kermany"
     synthetic.write_kaggle(base, {"train": (4, 4), "test": (1, 1)}, size=64, seed=5)
     synthetic.write_nih(f"gs://{gcs_bucket}/nih", 3, size=64, seed=6)
-    summary = stages.ingest(ingest.IngestConfig(base, pretrain_uri=f"gs://{gcs_bucket}/nih"), str(tmp_path / "out"))
+    summary = stages.ingest(dataset_uri=base, pretrain_uri=f"gs://{gcs_bucket}/nih", out_dir=str(tmp_path / "out"))
     assert summary["accepted"] == 13 and summary["folds"]["unlabelled"] == {"unlabelled": 3}
     manifest = stages.load_manifest(str(tmp_path / "out"))
     assert all(r["uri"].startswith(f"gs://{gcs_bucket}/") for r in manifest)

@@ -88,7 +88,7 @@ def test_ingest_killed_mid_way_then_rerun(gcs_bucket, gcs_emulator, tmp_path):
 def prepared_manifest(tmp_path) -> Path:
     data = tmp_path / "data"
     synthetic.write_kaggle(str(data), {"train": (6, 6), "val": (2, 2), "test": (2, 2)}, size=64, seed=4)
-    stages.ingest(ingest.IngestConfig(str(data)), str(tmp_path / "manifest"))
+    stages.ingest(dataset_uri=str(data), out_dir=str(tmp_path / "manifest"))
     return tmp_path / "manifest"
 
 
@@ -140,7 +140,7 @@ def test_preprocess_killed_mid_way_then_rerun(prepared_manifest, tmp_path):
     shutil.copy(stalled_row["uri"], fifo)  # the image is readable again
     _run(args, dict(os.environ))
     reference = tmp_path / "uninterrupted"
-    stages.preprocess(str(prepared_manifest), {"pixels": 64, "mask": False}, str(reference), workers=1,
+    stages.preprocess(manifest_dir=str(prepared_manifest), variant={"pixels": 64, "mask": False}, out_dir=str(reference), workers=1,
                       acquisition_copies=1)  # the command's default
     info, ref_info = nd.read_variant(str(out)), nd.read_variant(str(reference))
     assert info["counts"] == ref_info["counts"] == {"train": info["counts"]["train"], "valid": 12 - info["counts"]["train"],

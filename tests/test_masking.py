@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from neumo import ingest, masking, models, stages, synthetic
+from neumo import masking, models, stages, synthetic
 
 
 def test_dice_and_iou():
@@ -58,12 +58,13 @@ def test_train_mask_model_then_mask_stage(tmp_path):
     data = tmp_path / "data"
     synthetic.write_kaggle(str(data), {"train": (16, 16), "test": (2, 2)}, size=128, seed=2,
                            masks_uri=str(tmp_path / "masks"))
-    stages.ingest(ingest.IngestConfig(str(data), masks_uri=str(tmp_path / "masks")), str(tmp_path / "manifest"))
-    config = masking.MaskModelConfig(pixels=64, depth=3, filters=8, epochs=12, seed=0)
-    info = stages.mask_model(str(tmp_path / "manifest"), str(tmp_path / "model"), config=config)
+    stages.ingest(dataset_uri=str(data), masks_uri=str(tmp_path / "masks"), out_dir=str(tmp_path / "manifest"))
+    info = stages.mask_model(manifest_dir=str(tmp_path / "manifest"), out_dir=str(tmp_path / "model"), mask_pixels=64,
+                             mask_depth=3, filters=8, mask_epochs=12, seed=0)
     assert info["source"] == "trained" and 0.0 <= info["iou"] <= info["dice"] <= 1.0
     assert info["dice"] > 0.6  # synthetic lungs are easy; the real-data figure is in the README
-    summary = stages.mask(str(tmp_path / "manifest"), str(tmp_path / "model"), str(tmp_path / "masks_out"))
+    summary = stages.mask(manifest_dir=str(tmp_path / "manifest"), model_dir=str(tmp_path / "model"),
+                          out_dir=str(tmp_path / "masks_out"))
     assert summary["available"] and summary["images"] == 36
     assert (tmp_path / "masks_out" / "contact_sheet.png").stat().st_size > 1000
     qa = (tmp_path / "masks_out" / "qa.csv").read_text().splitlines()
@@ -73,6 +74,8 @@ def test_train_mask_model_then_mask_stage(tmp_path):
 
 
 def test_mask_model_not_needed_writes_a_marker(tmp_path):
-    info = stages.mask_model(str(tmp_path), str(tmp_path / "model"), needed=False)
+    info = stages.mask_model(manifest_dir=str(tmp_path), out_dir=str(tmp_path / "model"),
+                             planned=[{"pixels": 64, "mask": False}])
     assert info["source"] == "none"
-    assert stages.mask(str(tmp_path), str(tmp_path / "model"), str(tmp_path / "masks")) == {"available": False}
+    assert stages.mask(manifest_dir=str(tmp_path), model_dir=str(tmp_path / "model"),
+                       out_dir=str(tmp_path / "masks")) == {"available": False}

@@ -28,7 +28,7 @@ def _compile(tmp_path, *args):
 def _tasks(spec):
     """Every task of the pipeline, nested loops included: {task name: (component name, task dict)}."""
     found = {}
-    for comp_name, comp in {"root": spec["root"], **spec["components"]}.items():
+    for comp in (spec["root"], *spec["components"].values()):
         for name, task in comp.get("dag", {}).get("tasks", {}).items():
             found[name] = (task["componentRef"]["name"], task)
     return found
@@ -103,13 +103,17 @@ def test_accelerators_on_gpu_tasks_only(tmp_path):
 
 
 def test_compiling_needs_only_kfp(tmp_path):
-    """Compile in a fresh interpreter where TensorFlow, Keras, OpenCV, numpy and neumo cannot be imported."""
+    """Compile in a fresh interpreter where TensorFlow, Keras, OpenCV, numpy and every neumo module
+    but the standard-library-only declaration of parameters and trials cannot be imported."""
     script = textwrap.dedent(f"""
         import sys, runpy
-        BLOCKED = ("tensorflow", "keras", "cv2", "numpy", "neumo", "pandas", "skimage", "mango")
+        BLOCKED = ("tensorflow", "keras", "cv2", "numpy", "pandas", "skimage", "mango", "scipy", "sklearn",
+                   "matplotlib")
+        ALLOWED_NEUMO = ("neumo", "neumo.parameters", "neumo.trial")
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
+                top = name.split(".")[0]
+                if top in BLOCKED or name.startswith("google.cloud") or (top == "neumo" and name not in ALLOWED_NEUMO):
                     raise ImportError("blocked for this test: " + name)
         sys.meta_path.insert(0, Block())
         sys.argv = ["full.py", "--compile", {str(tmp_path / "only-kfp.yaml")!r}]
@@ -128,7 +132,7 @@ def test_bad_compile_options_fail_clearly(tmp_path):
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         full.main(["--compile", str(tmp_path / "x.yaml"), "--gpu-node-selector", "nokey"])
     with pytest.raises(SystemExit, match="unknown pipeline parameter"):
-        full._coerce("pixles", "128")
+        full.main(["--compile", str(tmp_path / "x.yaml"), "--set", "pixles=128"])
 
 
 TINY_SPACE = ('{"pixels":[64],"mask":[false,true],"model":[1,2],"frozen_layers":[0,4],'

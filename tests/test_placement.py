@@ -17,8 +17,8 @@ from pipelines import full
 from pipelines.placement import Placement
 
 # The pipeline's own lists decide; the stages named in the design must be among them.
-GPU_STAGES = {c.name for c in full.GPU_COMPONENTS}
-CPU_STAGES = {c.name for c in full.CPU_COMPONENTS}
+GPU_STAGES = set(full.GPU_COMPONENTS)
+CPU_STAGES = set(full.CPU_COMPONENTS)
 REGISTRY, TAG = "registry.example/team", "t-0a1b2c3-dirty"
 SELECTOR = ("cloud.google.com/gke-accelerator", "nvidia-l4")
 GPU_LIMIT, RETRIES = 2, 3

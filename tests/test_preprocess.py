@@ -46,9 +46,9 @@ def _files(folder) -> dict[str, bytes]:
 
 def test_workers_give_byte_identical_shards(image_set, tmp_path):
     root, rows = image_set
-    cfg = dict(pixels=PIXELS, mask=True, shard_bytes=8 * PIXELS * PIXELS)  # 8 images a shard: several shards
-    one = preprocess.run(rows, preprocess.PreprocessConfig(workers=1, **cfg), str(tmp_path / "one"), root)
-    two = preprocess.run(rows, preprocess.PreprocessConfig(workers=2, **cfg), str(tmp_path / "two"), root)
+    cfg = dict(pixels=PIXELS, mask=True, shard_bytes=8 * PIXELS * PIXELS, acquisition_copies=0)  # 8 images a shard: several shards
+    one = preprocess.prepare_variant(rows, preprocess.PreprocessConfig(workers=1, **cfg), str(tmp_path / "one"), root)
+    two = preprocess.prepare_variant(rows, preprocess.PreprocessConfig(workers=2, **cfg), str(tmp_path / "two"), root)
     a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert len(a) >= 5 and a == b
     assert one["shards"] == two["shards"] and one["counts"] == two["counts"]
@@ -59,7 +59,7 @@ def test_workers_give_byte_identical_shards(image_set, tmp_path):
 def test_stored_form_then_zscore_is_the_seed_chain(image_set, tmp_path, mask):
     root, rows = image_set
     out = str(tmp_path / "v")
-    preprocess.run(rows, preprocess.PreprocessConfig(pixels=PIXELS, mask=mask, clahe_clip=2.0, workers=1), out, root)
+    preprocess.prepare_variant(rows, preprocess.PreprocessConfig(acquisition_copies=0, pixels=PIXELS, mask=mask, clahe_clip=2.0, workers=1), out, root)
     for fold in ("train", "valid", "test"):
         stored = nd.load_fold(out, fold)
         for image, image_id in zip(stored.images, stored.ids):
@@ -77,7 +77,7 @@ def test_crash_leaves_no_variant_json(image_set, tmp_path):
     bad[len(bad) // 2]["uri"] = os.path.join(root, "images", "missing.png")
     out = tmp_path / "crashed"
     with pytest.raises(FileNotFoundError) as err:
-        preprocess.run(bad, preprocess.PreprocessConfig(pixels=PIXELS, workers=2, shard_bytes=4 * PIXELS**2), str(out))
+        preprocess.prepare_variant(bad, preprocess.PreprocessConfig(acquisition_copies=0, pixels=PIXELS, workers=2, shard_bytes=4 * PIXELS**2), str(out))
     assert any("missing.png" in note for note in getattr(err.value, "__notes__", []))
     assert not (out / "variant.json").exists()
     assert not [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".npz")]  # no half-written files
@@ -88,7 +88,7 @@ def test_crash_leaves_no_variant_json(image_set, tmp_path):
 def test_readers_trust_only_listed_shards(image_set, tmp_path):
     root, rows = image_set
     out = tmp_path / "v"
-    info = preprocess.run(rows, preprocess.PreprocessConfig(pixels=PIXELS, workers=1), str(out))
+    info = preprocess.prepare_variant(rows, preprocess.PreprocessConfig(acquisition_copies=0, pixels=PIXELS, workers=1), str(out))
     nd.write_shard(str(out / "train" / "shard-09999.npz"), np.zeros((1, PIXELS, PIXELS), np.uint8), [0], ["stale"])
     fold = nd.load_fold(str(out), "train")
     assert "stale" not in set(fold.ids) and len(fold) == info["counts"]["train"]
@@ -113,7 +113,7 @@ def test_images_per_shard(n, pixels, shard_bytes, expected):
 def test_shard_layout_on_disk(tmp_path):
     rows = _write_set(tmp_path, n=50, size=32, folds=("train",))
     out = tmp_path / "v"
-    info = preprocess.run(rows, preprocess.PreprocessConfig(pixels=16, workers=1), str(out))
+    info = preprocess.prepare_variant(rows, preprocess.PreprocessConfig(acquisition_copies=0, pixels=16, workers=1), str(out))
     names = info["shards"]["train"]
     assert names == [f"shard-{i:05d}.npz" for i in range(4)]  # 50 images, 16 a shard
     assert [len(nd.read_shard(str(out / "train" / n))) for n in names] == [16, 16, 16, 2]
@@ -129,14 +129,14 @@ def test_config_rejects(bad):
 
 def test_masked_variant_needs_masks():
     with pytest.raises(ValueError, match="mask"):
-        preprocess.run([], preprocess.PreprocessConfig(pixels=64, mask=True), "/nonexistent")
+        preprocess.prepare_variant([], preprocess.PreprocessConfig(acquisition_copies=0, pixels=64, mask=True), "/nonexistent")
 
 
 def test_acquisition_copies_only_for_train_and_reproducible(image_set, tmp_path):
     root, rows = image_set
     cfg = dict(pixels=PIXELS, mask=True, acquisition_copies=2, shard_bytes=8 * PIXELS * PIXELS)
-    one = preprocess.run(rows, preprocess.PreprocessConfig(workers=1, **cfg), str(tmp_path / "one"), root)
-    two = preprocess.run(rows, preprocess.PreprocessConfig(workers=2, **cfg), str(tmp_path / "two"), root)
+    one = preprocess.prepare_variant(rows, preprocess.PreprocessConfig(workers=1, **cfg), str(tmp_path / "one"), root)
+    preprocess.prepare_variant(rows, preprocess.PreprocessConfig(workers=2, **cfg), str(tmp_path / "two"), root)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")  # the copies too: byte for byte
     assert one["acquisition_copies"] == 2
     train = nd.load_fold(str(tmp_path / "one"), "train")
@@ -151,7 +151,7 @@ def test_acquisition_copies_only_for_train_and_reproducible(image_set, tmp_path)
     targets = dict(zip(train.ids, train.targets))
     assert all(targets[f"{i}~acq1"] == targets[i] for i in originals)
     # copy 0 (no copies) is exactly the seed chain's variant
-    base = preprocess.run(rows, preprocess.PreprocessConfig(workers=1, pixels=PIXELS, mask=True), str(tmp_path / "b"), root)
+    base = preprocess.prepare_variant(rows, preprocess.PreprocessConfig(acquisition_copies=0, workers=1, pixels=PIXELS, mask=True), str(tmp_path / "b"), root)
     assert base["acquisition_copies"] == 0
     plain_train = nd.load_fold(str(tmp_path / "b"), "train")
     stored = dict(zip(plain_train.ids, plain_train.images))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from neumo import results, stages, tuning
+from neumo import parameters, results, stages, trial, tuning
 
 
 def _record(trial, round_index=0, status="ok", score=0.8, **config):
@@ -17,14 +17,17 @@ def _record(trial, round_index=0, status="ok", score=0.8, **config):
     return json.dumps({"train": row, "eval": []})
 
 
-SPACE = tuning.SearchSpace.smoke().to_dict()
+SPACE = parameters.preset("smoke")["search_space"]
 
 
 def test_default_space_is_declared_once():
-    """pipelines/full.py cannot import neumo (compiling needs only kfp): its copy must equal the library's."""
-    from pipelines.full import DEFAULT_SPACE
+    """The compiled pipeline's default search space is the declared one."""
+    from pipelines.full import create_pipeline
 
-    assert tuning.SearchSpace.from_dict(DEFAULT_SPACE) == tuning.SearchSpace.default()
+    spec = create_pipeline().pipeline_spec
+    default = spec.root.input_definitions.parameters["search_space"].default_value
+    assert trial.SearchSpace.from_dict(dict(default.struct_value.items())) == \
+        trial.SearchSpace.from_dict(parameters.DEFAULT_SEARCH_SPACE)
 
 
 def test_suggest_continues_from_the_results_csv(tmp_path):
@@ -32,7 +35,8 @@ def test_suggest_continues_from_the_results_csv(tmp_path):
     previous = [json.loads(_record(i, model=1 + i % 2, frozen_layers=4 * (i % 2), learning_rate=10 ** -(2 + i / 4),
                                    score=0.5 + i / 20))["train"] for i in range(6)]
     results.append_rows(str(tmp_path / results.TRAIN_CSV), previous, results.TRAIN_COLUMNS)
-    configs = stages.suggest(SPACE, "", [], 4, 0, str(tmp_path / "h.jsonl"), str(tmp_path), 0)
+    configs = stages.suggest(search_space=SPACE, finished=[], trials_per_round=4, history_out=str(tmp_path / "h.jsonl"),
+                             results_uri=str(tmp_path), round_index=0)
     assert len(configs) == 4
     seen = {tuning.config_key(r) for r in previous}
     assert not seen & {tuning.config_key(c) for c in configs}
@@ -41,29 +45,30 @@ def test_suggest_continues_from_the_results_csv(tmp_path):
 
 def test_history_accumulates_across_rounds(tmp_path):
     h1, h2 = str(tmp_path / "h1.jsonl"), str(tmp_path / "h2.jsonl")
-    stages.suggest(SPACE, "", [], 2, 0, h1, "", 0)
-    stages.suggest(SPACE, h1, [_record(0), _record(1, model=2)], 2, 0, h2, "", 1)
+    stages.suggest(search_space=SPACE, finished=[], trials_per_round=2, history_out=h1, round_index=0)
+    stages.suggest(search_space=SPACE, history_in=h1, finished=[_record(0), _record(1, model=2)], trials_per_round=2,
+                   history_out=h2, round_index=1)
     assert len(open(h2).read().splitlines()) == 2
 
 
 def test_one_failed_trial_does_not_sink_the_round(tmp_path):
-    configs = stages.suggest(SPACE, "", [_record(0), _record(1, status="failed")], 2, 0,
-                             str(tmp_path / "h.jsonl"), "", 1)
+    configs = stages.suggest(search_space=SPACE, finished=[_record(0), _record(1, status="failed")], trials_per_round=2,
+                             history_out=str(tmp_path / "h.jsonl"), round_index=1)
     assert configs
 
 
 def test_a_round_where_every_trial_failed_stops_the_run(tmp_path):
     with pytest.raises(RuntimeError, match="every trial of round 0 failed.*NaN"):
-        stages.suggest(SPACE, "", [_record(0, status="failed"), _record(1, status="failed")], 2, 0,
-                       str(tmp_path / "h.jsonl"), "", 1)
+        stages.suggest(search_space=SPACE, finished=[_record(0, status="failed"), _record(1, status="failed")],
+                       trials_per_round=2, history_out=str(tmp_path / "h.jsonl"), round_index=1)
 
 
 def test_aggregate_keeps_rows_even_when_the_last_round_failed(tmp_path):
     history = tmp_path / "h.jsonl"
     history.write_text(_record(0) + "\n")
     with pytest.raises(RuntimeError, match="every trial of round 1 failed"):
-        stages.aggregate(str(history), [_record(0, 1, "failed"), _record(1, 1, "failed")], str(tmp_path / "res"),
-                         str(tmp_path / "out"))
+        stages.aggregate(history_in=str(history), finished=[_record(0, 1, "failed"), _record(1, 1, "failed")],
+                         results_uri=str(tmp_path / "res"), out_dir=str(tmp_path / "out"))
     rows = results.read_rows(str(tmp_path / "res" / results.TRAIN_CSV))
     assert [r["status"] for r in rows] == ["ok", "failed", "failed"]
     assert rows[1]["error"] == "FloatingPointError: NaN"
@@ -72,9 +77,11 @@ def test_aggregate_keeps_rows_even_when_the_last_round_failed(tmp_path):
 def test_aggregate_appends_without_losing_earlier_rows(tmp_path):
     history = tmp_path / "h.jsonl"
     history.write_text(_record(0) + "\n")
-    stages.aggregate(str(history), [_record(1, model=2)], str(tmp_path / "res"), str(tmp_path / "a"))
+    stages.aggregate(history_in=str(history), finished=[_record(1, model=2)], results_uri=str(tmp_path / "res"),
+                     out_dir=str(tmp_path / "a"))
     first = (tmp_path / "res" / results.TRAIN_CSV).read_bytes()
-    summary = stages.aggregate(str(history), [_record(1, model=2, score=0.9)], str(tmp_path / "res"), str(tmp_path / "b"))
+    summary = stages.aggregate(history_in=str(history), finished=[_record(1, model=2, score=0.9)],
+                               results_uri=str(tmp_path / "res"), out_dir=str(tmp_path / "b"))
     assert (tmp_path / "res" / results.TRAIN_CSV).read_bytes().startswith(first)
     assert summary["trials"] == 2 and summary["best_score"] == 0.9
     assert (tmp_path / "b" / "report.html").exists()
@@ -92,21 +99,22 @@ def test_fingerprint_changes_with_the_data_only(tmp_path, gcs_bucket):
     for base in (str(tmp_path / "d"), f"gs://{gcs_bucket}/d"):
         storage.write_bytes(storage.join(base, "train/NORMAL/a.png"), b"one")
         storage.write_bytes(storage.join(base, "train/NORMAL/b.png"), b"two")
-        first = stages.fingerprint(base)
-        assert stages.fingerprint(base) == first  # unchanged data: same key, the cache is reused
+        first = stages.fingerprint(dataset_uri=base)
+        assert stages.fingerprint(dataset_uri=base) == first  # unchanged data: same key, the cache is reused
         storage.write_bytes(storage.join(base, "train/NORMAL/b.png"), b"three")
-        assert stages.fingerprint(base) != first  # a changed file: a new key, ingest reruns
-        second = stages.fingerprint(base)
+        assert stages.fingerprint(dataset_uri=base) != first  # a changed file: a new key, ingest reruns
+        second = stages.fingerprint(dataset_uri=base)
         storage.write_bytes(storage.join(base, "train/NORMAL/c.png"), b"new")
-        assert stages.fingerprint(base) != second
+        assert stages.fingerprint(dataset_uri=base) != second
 
 
 def test_a_single_configuration_replaces_the_search(tmp_path):
     config = {"pixels": 64.0, "mask": False, "model": 2, "frozen_layers": 0, "learning_rate": 0.001, "loss": "focal",
               "augmentation": "none", "class_weight": True}
-    batch = stages.suggest(SPACE, "", [], 4, 0, str(tmp_path / "h.jsonl"), "", 0, config)
+    batch = stages.suggest(search_space=SPACE, finished=[], trials_per_round=4, history_out=str(tmp_path / "h.jsonl"),
+                           round_index=0, config=config)
     assert batch == [{**config, "pixels": 64, "round": 0, "trial": 0}]
     (tmp_path / "summary.json").write_text(json.dumps({"with_mask": 0}))
-    assert stages.plan(SPACE, str(tmp_path), config=config) == [{"pixels": 64, "mask": False}]
+    assert stages.plan(search_space=SPACE, manifest_dir=str(tmp_path), config=config) == [{"pixels": 64, "mask": False}]
     with pytest.raises(ValueError, match="loss"):
-        stages.plan(SPACE, str(tmp_path), config={**config, "loss": "hinge"})
+        stages.plan(search_space=SPACE, manifest_dir=str(tmp_path), config={**config, "loss": "hinge"})

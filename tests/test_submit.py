@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from neumo import parameters
+
 from pipelines import full, submit
 
 API = "/apis/v2beta1"
@@ -128,8 +130,9 @@ def _assert_spec_embedded(body: dict, package: Path):
     assert embedded["platform_spec"] == platform_spec  # node selectors and tolerations travel with the run
 
 
-def test_submit_creates_the_experiment_then_one_run_with_spec_and_parameters(package, monkeypatch):
+def test_submit_creates_the_experiment_then_one_run_with_spec_and_parameters(tmp_path, monkeypatch):
     monkeypatch.setenv(submit.TOKEN_ENV, "token-123")
+    package = tmp_path / "submitted.yaml"  # the values given are baked into this one's defaults
     with FakeKFP() as kfp_api:
         assert full.main(["--submit", "--compile", str(package), "--image-tag", "t-test", "--host", kfp_api.url,
                           "--experiment", "neumo-test", "--run-name", "nightly-check",
@@ -158,8 +161,10 @@ def test_schedule_creates_a_recurring_run_one_at_a_time_without_catchup(package)
     assert body["experiment_id"] == "exp-0" and body["display_name"] == "neumo-full"
     assert body["trigger"] == {"cron_schedule": {"cron": "0 0 2 * * 1"}}
     assert body["max_concurrency"] in ("1", 1) and body["no_catchup"] is True and body["mode"] == "ENABLE"
+    # a search space that names some dimensions is completed from the default before it is sent
+    full_space = {**parameters.DEFAULT_SEARCH_SPACE, "pixels": [256], "model": [1]}
     assert body["runtime_config"]["parameters"] == {"dataset_uri": "gs://d/x", "results_uri": "gs://d/r",
-                                                    "search_space": {"pixels": [256], "model": [1]}}
+                                                    "search_space": full_space}
     # compiled to a temporary file (no --compile): the same pipeline as the one compiled beside it
     assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "neumo-full"
     assert body["pipeline_spec"]["platform_spec"] == list(yaml.safe_load_all(package.read_text()))[1]

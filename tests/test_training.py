@@ -6,7 +6,8 @@ import logging
 import numpy as np
 import pytest
 
-from neumo import ingest, stages, synthetic, training
+from neumo import stages, synthetic, training
+from neumo.trial import TrialConfig
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +17,10 @@ def variant(tmp_path_factory):
     root = tmp_path_factory.mktemp("variant")
     synthetic.write_kaggle(str(root / "data"), {"train": (12, 12), "test": (3, 3)}, size=64, seed=4)
     synthetic.write_nih(str(root / "nih"), 8, size=64, seed=5)
-    stages.ingest(ingest.IngestConfig(str(root / "data"), pretrain_uri=str(root / "nih")), str(root / "m"))
-    stages.preprocess(str(root / "m"), {"pixels": 64, "mask": False}, str(root / "p"), workers=1, acquisition_copies=1)
-    info = stages.pretrain(str(root / "p"), str(root / "b"), training.PretrainConfig(depth=2, filters=4, epochs=2))
+    stages.ingest(dataset_uri=str(root / "data"), pretrain_uri=str(root / "nih"), out_dir=str(root / "m"))
+    stages.preprocess(manifest_dir=str(root / "m"), variant={"pixels": 64, "mask": False}, out_dir=str(root / "p"),
+                      workers=1, acquisition_copies=1)
+    info = stages.pretrain(variant_dir=str(root / "p"), out_dir=str(root / "b"), depth=2, filters=4, pretrain_epochs=2)
     return root, info
 
 
@@ -44,9 +46,9 @@ def test_corruption_keeps_shape_and_changes_the_input():
 
 def test_trial_stores_model_threshold_and_config(variant, tmp_path):
     root, _ = variant
-    cfg = training.TrialConfig.from_dict({"pixels": 64.0, "mask": False, "model": 2.0, "frozen_layers": 2,
-                                          "learning_rate": 3e-3, "loss": "weighted_bce", "augmentation": "light",
-                                          "class_weight": True})
+    cfg = TrialConfig.from_dict({"pixels": 64.0, "mask": False, "model": 2.0, "frozen_layers": 2,
+                                 "learning_rate": 3e-3, "loss": "weighted_bce", "augmentation": "light",
+                                 "class_weight": True})
     result = training.train_trial(cfg, training.TrainSettings(epochs=2, seed=1), str(root / "p"),
                                   str(root / "b" / "autoencoder.keras"), str(tmp_path))
     meta = json.loads((tmp_path / "model.json").read_text())
@@ -57,12 +59,12 @@ def test_trial_stores_model_threshold_and_config(variant, tmp_path):
 
 def test_a_restarted_trial_resumes_from_object_storage(variant, tmp_path, gcs_bucket, caplog):
     root, _ = variant
-    cfg = training.TrialConfig(64, False, 1, 0, 1e-3, "bce", "none", False)
+    cfg = TrialConfig(64, False, 1, 0, 1e-3, "bce", "none", False)
     checkpoint = f"gs://{gcs_bucket}/checkpoints/run/round-0-trial-0"
     backbone = str(root / "b" / "autoencoder.keras")
     training.train_trial(cfg, training.TrainSettings(epochs=1), str(root / "p"), backbone, str(tmp_path / "a"), checkpoint)
     # a new pod: empty local disk, same checkpoint URI, one more epoch asked for
-    with caplog.at_level(logging.INFO, logger="neumo.training"):
+    with caplog.at_level(logging.INFO, logger="neumo.fitting"):
         result = training.train_trial(cfg, training.TrainSettings(epochs=2), str(root / "p"), backbone,
                                       str(tmp_path / "b"), checkpoint)
     assert "resuming from the training state" in caplog.text
@@ -78,12 +80,12 @@ def test_bad_trial_configurations_raise(bad, match):
     good = {"pixels": 64, "mask": False, "model": 1, "frozen_layers": 0, "learning_rate": 1e-3, "loss": "bce",
             "augmentation": "none", "class_weight": False}
     with pytest.raises(ValueError, match=match):
-        training.TrialConfig.from_dict({**good, **bad})
+        TrialConfig.from_dict({**good, **bad})
 
 
 def test_nan_loss_fails_the_trial_with_a_reason(variant, tmp_path):
     root, _ = variant
-    cfg = training.TrialConfig(64, False, 1, 0, 1e12, "bce", "none", False)
+    cfg = TrialConfig(64, False, 1, 0, 1e12, "bce", "none", False)
     with pytest.raises(FloatingPointError, match="NaN"):
         training.train_trial(cfg, training.TrainSettings(epochs=2), str(root / "p"),
                              str(root / "b" / "autoencoder.keras"), str(tmp_path))
@@ -94,7 +96,7 @@ def test_mixed_precision_trial_trains_and_saves(variant, tmp_path):
     import keras
 
     root, _ = variant
-    cfg = training.TrialConfig(64, False, 1, 0, 1e-3, "bce", "none", False)
+    cfg = TrialConfig(64, False, 1, 0, 1e-3, "bce", "none", False)
     training.train_trial(cfg, training.TrainSettings(epochs=1, precision="mixed_float16"), str(root / "p"),
                          str(root / "b" / "autoencoder.keras"), str(tmp_path))
     assert keras.mixed_precision.global_policy().name == "float32"  # restored for the rest of the process
@@ -115,15 +117,16 @@ def test_train_component_turns_a_failing_trial_into_a_failed_row(variant, tmp_pa
 
     root, _ = variant
     catalog = tmp_path / "catalog.json"
-    stages.catalog([{"uri": str(root / "p"), "pixels": 64, "mask": False}],
-                   [{"uri": str(root / "b"), "pixels": 64, "mask": False}], str(catalog))
+    stages.catalog(variants=[{"uri": str(root / "p"), "pixels": 64, "mask": False}],
+                   backbones=[{"uri": str(root / "b"), "pixels": 64, "mask": False}], out_path=str(catalog))
     good = {"pixels": 64, "mask": False, "model": 2, "frozen_layers": 0, "learning_rate": 1e-3, "loss": "bce",
             "augmentation": "none", "class_weight": False, "round": 1, "trial": 0}
     rows = {}
     for name, config in (("ok", good), ("bad", {**good, "frozen_layers": 999, "trial": 1})):
         model = dsl.Model(uri=str(tmp_path / name))
-        rows[name] = json.loads(train.python_func(config=config, variants=dsl.Dataset(uri=str(catalog)), model=model,
-                                                  epochs=1, run_id="r1"))
+        rows[name] = json.loads(train.python_func(trial=config, catalog=dsl.Dataset(uri=str(catalog)), classifier=model,
+                                                  epochs=1, batch_size=8, patience=3, seed=0, run_id="r1",
+                                                  results_uri=""))
         assert model.metadata["status"] == rows[name]["status"]
     assert rows["ok"]["status"] == "ok" and rows["ok"]["model_uri"] == str(tmp_path / "ok")
     assert rows["bad"]["status"] == "failed" and "frozen_layers must be in 0.." in rows["bad"]["error"]

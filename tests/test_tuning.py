@@ -14,7 +14,7 @@ TYPES = {"pixels": int, "mask": bool, "model": int, "frozen_layers": int, "learn
 
 
 def _dict(**changes):
-    d = SearchSpace.smoke().to_dict()
+    d = SearchSpace.preset("smoke").to_dict()
     d.update(changes)
     return d
 
@@ -50,8 +50,8 @@ def _objective(c: dict) -> float:
 
 
 @pytest.mark.parametrize("d", [
-    SearchSpace.default().to_dict(),
-    SearchSpace.smoke().to_dict(),
+    SearchSpace.preset().to_dict(),
+    SearchSpace.preset("smoke").to_dict(),
     _dict(pixels=[64, 128, 256, 512], mask=[True], model=[2], frozen_layers=[0]),
     _dict(learning_rate=[1e-6, 1], loss=["weighted_bce"], augmentation=["strong", "none"]),
     _dict(pixels=(512, 64), class_weight=(True,)),
@@ -112,15 +112,15 @@ def test_variants_are_the_sorted_cross_product():
     space = SearchSpace.from_dict(_dict(pixels=[256, 64], mask=[True, False]))
     assert space.variants() == [{"pixels": 64, "mask": False}, {"pixels": 64, "mask": True},
                                 {"pixels": 256, "mask": False}, {"pixels": 256, "mask": True}]
-    assert SearchSpace.smoke().variants() == [{"pixels": 64, "mask": False}]
-    assert SearchSpace.default().size() == 1 * 2 * 2 * 4 * 3 * 3 * 2
+    assert SearchSpace.preset("smoke").variants() == [{"pixels": 64, "mask": False}]
+    assert SearchSpace.preset().size() == 1 * 2 * 2 * 4 * 3 * 3 * 2
 
 
 # ----------------------------------------------------------------------------- suggest
 
 
 def test_first_batch_is_deterministic_unique_typed_and_space_filling():
-    space = SearchSpace.default()
+    space = SearchSpace.preset()
     batch = suggest(space, [], 8, seed=3)
     assert len(batch) == 8
     _check(space, batch)
@@ -141,14 +141,14 @@ def test_suggest_leaves_global_random_state_alone():
     expected = (np.random.random(), random.random())
     np.random.seed(0)
     random.seed(0)
-    suggest(SearchSpace.smoke(), [], 4, seed=1)
+    suggest(SearchSpace.preset("smoke"), [], 4, seed=1)
     assert (np.random.random(), random.random()) == expected
 
 
 def test_with_history_no_repeats_and_within_bounds():
-    space = SearchSpace.smoke()
+    space = SearchSpace.preset("smoke")
     history = []
-    for rnd in range(4):
+    for _round in range(4):
         batch = suggest(space, history, 4, seed=11)
         assert len(batch) == 4
         _check(space, batch)
@@ -159,7 +159,7 @@ def test_with_history_no_repeats_and_within_bounds():
 
 
 def test_failed_trials_and_loose_types_are_accepted():
-    space = SearchSpace.default()
+    space = SearchSpace.preset()
     first = suggest(space, [], 6, seed=0)
     history = [dict(c, score=_objective(c)) for c in first[:3]]
     history += [dict(c, score=None) for c in first[3:5]]
@@ -174,7 +174,7 @@ def test_failed_trials_and_loose_types_are_accepted():
 
 
 def test_failed_trials_steer_the_optimiser_away():
-    space = SearchSpace.default()
+    space = SearchSpace.preset()
     picked = []
     for seed in range(5):
         rng = np.random.default_rng(seed)
@@ -185,7 +185,7 @@ def test_failed_trials_steer_the_optimiser_away():
 
 
 def test_repeated_history_configurations_are_merged():
-    space = SearchSpace.default()
+    space = SearchSpace.preset()
     first = suggest(space, [], 4, seed=0)
     history = [dict(c, score=_objective(c)) for c in first] + [dict(first[0], score=0.1), dict(first[1], score=None)]
     history.append(dict(first[2], learning_rate=first[2]["learning_rate"] * 1.0004, score=0.99))  # same rounded
@@ -195,7 +195,7 @@ def test_repeated_history_configurations_are_merged():
 
 
 def test_only_failed_history_gives_a_space_filling_batch_avoiding_them():
-    space = SearchSpace.smoke()
+    space = SearchSpace.preset("smoke")
     failed = [dict(c, score=None) for c in suggest(space, [], 4, seed=0)]
     batch = suggest(space, failed, 4, seed=0)
     _check(space, batch)
@@ -203,15 +203,15 @@ def test_only_failed_history_gives_a_space_filling_batch_avoiding_them():
 
 
 def test_history_outside_the_space_is_tolerated():
-    space = SearchSpace.smoke()
-    outside = dict(suggest(SearchSpace.default(), [], 1, seed=0)[0], score=0.9)
+    space = SearchSpace.preset("smoke")
+    outside = dict(suggest(SearchSpace.preset(), [], 1, seed=0)[0], score=0.9)
     inside = [dict(c, score=_objective(c)) for c in suggest(space, [], 3, seed=0)]
     batch = suggest(space, inside + [outside, {"pixels": 64, "score": 0.5}], 3, seed=0)
     _check(space, batch)
 
 
 def test_mango_batches_beat_random_batches_on_a_synthetic_objective():
-    space = SearchSpace.default()
+    space = SearchSpace.preset()
     mango_means, random_means, wins = [], [], 0
     for seed in range(5):
         rng = np.random.default_rng(seed)
@@ -243,6 +243,6 @@ def test_exhausted_space_returns_what_is_left(caplog):
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        suggest(SearchSpace.smoke(), [], 0, seed=0)
+        suggest(SearchSpace.preset("smoke"), [], 0, seed=0)
     with pytest.raises(ValueError):
-        suggest(SearchSpace.smoke(), [], 2, seed=-1)
+        suggest(SearchSpace.preset("smoke"), [], 2, seed=-1)

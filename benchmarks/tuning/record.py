@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from neumo import ingest, stages, storage, training
+from neumo.trial import TrialConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 LEARNING_RATES = (1e-4, 1e-3, 1e-2)
@@ -45,7 +46,7 @@ def prepare(work: Path, fraction: float, seed: int) -> tuple[str, str]:
     data = ROOT.parent / "shared" / "data" / "kermany_224"
     if not (data / "train").is_dir():
         raise SystemExit(f"this benchmark needs the real images at {data}")
-    stages.ingest(ingest.IngestConfig(str(data), seed=seed), str(work / "manifest"))
+    stages.ingest(dataset_uri=str(data), seed=seed, out_dir=str(work / "manifest"))
     rows = stages.load_manifest(str(work / "manifest"))
     patients = sorted({r["patient_id"] for r in rows})
     rng = np.random.default_rng(seed)
@@ -53,9 +54,10 @@ def prepare(work: Path, fraction: float, seed: int) -> tuple[str, str]:
     rows = [r for r in rows if r["patient_id"] in keep or r["fold"] not in ("train", "valid")]
     storage.write_text(str(work / "manifest" / stages.MANIFEST), ingest.to_csv(rows, ingest.MANIFEST_COLUMNS))
     logger.info("kept %d images of %d patients", len(rows), len(keep))
-    stages.preprocess(str(work / "manifest"), {"pixels": 64, "mask": False}, str(work / "p64"))
-    stages.pretrain(str(work / "p64"), str(work / "backbone"),
-                    training.PretrainConfig(depth=3, filters=8, epochs=4, seed=seed))
+    stages.preprocess(manifest_dir=str(work / "manifest"), variant={"pixels": 64, "mask": False},
+                      out_dir=str(work / "p64"), acquisition_copies=0)  # as recorded: before acquisition copies
+    stages.pretrain(variant_dir=str(work / "p64"), out_dir=str(work / "backbone"), depth=3, filters=8,
+                    pretrain_epochs=4, seed=seed)
     return str(work / "p64"), str(work / "backbone" / "autoencoder.keras")
 
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "tuning" / "trials.csv"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("neumo.training").setLevel(logging.WARNING)
+    logging.getLogger("neumo.fitting").setLevel(logging.WARNING)  # no line per epoch
     done = set()
     if os.path.exists(args.out):  # resumable: configurations already in the table are skipped
         with open(args.out) as fh:
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
                 start = time.monotonic()
                 settings = training.TrainSettings(epochs=args.epochs, patience=args.epochs, seed=args.seed)
                 try:
-                    result = training.train_trial(training.TrialConfig.from_dict(config), settings, variant, backbone,
+                    result = training.train_trial(TrialConfig.from_dict(config), settings, variant, backbone,
                                                   os.path.join(tmp, "trial"))
                     score, epochs = result.val_auc, result.epochs
                 except FloatingPointError:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from neumo import tuning
+from neumo.trial import KEYS, SearchSpace, coerce
 
 ROOT = Path(__file__).resolve().parents[2]
-KEYS = ("pixels", "mask", "model", "frozen_layers", "learning_rate", "loss", "augmentation", "class_weight")
 
 
 def load_table(path: str) -> tuple[dict[tuple, float | None], list[float]]:
@@ -33,18 +33,16 @@ def load_table(path: str) -> tuple[dict[tuple, float | None], list[float]]:
         for r in csv.DictReader(fh):
             if float(r["learning_rate"]) not in GRID["learning_rate"]:
                 continue  # rows of an earlier, larger grid
-            config = {"pixels": int(r["pixels"]), "mask": r["mask"] == "True", "model": int(r["model"]),
-                      "frozen_layers": int(r["frozen_layers"]), "learning_rate": float(r["learning_rate"]),
-                      "loss": r["loss"], "augmentation": r["augmentation"], "class_weight": r["class_weight"] == "True"}
+            config = coerce(r, what=f"{path} row")
             rates.add(config["learning_rate"])
             table[tuple(config[k] for k in KEYS)] = float(r["score"]) if r["score"] else None
     return table, sorted(rates)
 
 
-def space_of(table: dict) -> tuning.SearchSpace:
+def space_of(table: dict) -> SearchSpace:
     values = {k: sorted({key[i] for key in table}) for i, k in enumerate(KEYS)}
     lr = values.pop("learning_rate")
-    return tuning.SearchSpace.from_dict({**values, "learning_rate": [lr[0], lr[-1]]})
+    return SearchSpace.from_dict({**values, "learning_rate": [lr[0], lr[-1]]})
 
 
 def snap(config: dict, rates: list[float]) -> tuple:

@@ -7,34 +7,30 @@ from components.images import GPU_IMAGE
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def evaluate(
     train_row: str,
-    model: Input[Model],
-    variants: Input[Dataset],
+    classifier: Input[Model],
+    catalog: Input[Dataset],
+    bootstrap: int,
     predictions: Output[Dataset],
     metrics: Output[Metrics],
     roc: Output[ClassificationMetrics],
-    bootstrap: int = 1000,
 ) -> str:
     """Evaluate a trained trial on the seed's test splits (test, val, test+val) and our validation
     fold at the threshold stored with the model: loss, accuracy, AUC with a 95% bootstrap
     interval, sensitivity, specificity, precision, F1, confusion matrix, per-image predictions, and
-    ROC, confusion-matrix and Grad-CAM pictures beside them. Returns the trial record (training row + evaluation rows) as JSON."""
+    ROC, confusion-matrix and Grad-CAM pictures beside them. Returns the trial record (training
+    row + evaluation rows) as JSON."""
     import json
     import logging
-    import math
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO)
-    row = json.loads(train_row)
-    if row["status"] != "ok":
-        return json.dumps({"train": row, "eval": []})
-    record = stages.evaluate(model.path, variants.path, row, predictions.path, bootstrap, predictions.uri)
-    shown = next((e for e in record["eval"] if e["split"] != "valid"), record["eval"][0] if record["eval"] else None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    record = stages.evaluate(model_dir=classifier.path, catalog_path=catalog.path, train_row=json.loads(train_row),
+                             out_dir=predictions.path, bootstrap=bootstrap, out_uri=predictions.uri)
+    shown = stages.shown_metrics(record)
     if shown:
-        for key in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "loss"):
-            if math.isfinite(shown[key]):  # KFP metadata cannot hold NaN (e.g. precision with no positives)
-                metrics.log_metric(f"{shown['split']}_{key}", float(shown[key]))
-        curve = record["roc"][shown["split"]]
-        roc.log_roc_curve(curve["fpr"], curve["tpr"], curve["thresholds"])
-        roc.log_confusion_matrix(["NORMAL", "PNEUMONIA"], [[shown["tn"], shown["fp"]], [shown["fn"], shown["tp"]]])
-    return json.dumps({k: record[k] for k in ("train", "eval", "figures_uri")})
+        for name, value in shown["metrics"].items():
+            metrics.log_metric(name, value)
+        roc.log_roc_curve(*shown["roc"])
+        roc.log_confusion_matrix(*shown["confusion"])
+    return stages.trial_record(record)

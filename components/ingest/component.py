@@ -7,13 +7,13 @@ from components.images import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def ingest(
     dataset_uri: str,
+    masks_uri: str,
+    pretrain_uri: str,
+    sample_per_class: int,
+    seed: int,
+    data_fingerprint: str,
     manifest: Output[Dataset],
     report: Output[Markdown],
-    masks_uri: str = "",
-    pretrain_uri: str = "",
-    sample_per_class: int = 0,
-    seed: int = 0,
-    data_fingerprint: str = "",
 ):
     """Ingest and validate a chest X-ray dataset (Kaggle split/CLASS/file layout, folder or gs://),
     plus optional lung masks and an unlabelled pretraining set (NIH flat layout). Writes the
@@ -23,13 +23,9 @@ def ingest(
     import logging
 
     from neumo import stages
-    from neumo.ingest import IngestConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = IngestConfig(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri,
-                          sample_per_class=sample_per_class, seed=seed)
-    summary = stages.ingest(config, manifest.path)
+    summary = stages.ingest(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri,
+                            sample_per_class=sample_per_class, seed=seed, out_dir=manifest.path, report_path=report.path)
     manifest.metadata.update({k: summary[k] for k in ("files", "accepted", "rejected", "duplicate", "data_version")})
     manifest.metadata["data_fingerprint"] = data_fingerprint
-    with open(report.path, "w") as fh:
-        fh.write(stages.ingest_report_markdown(summary))

@@ -9,10 +9,9 @@ def preprocess(
     manifest: Input[Dataset],
     masks: Input[Dataset],
     variant: dict,
+    clahe_clip: float,
+    acquisition_copies: int,
     data: Output[Dataset],
-    clahe_clip: float = 0.0,
-    workers: int = 0,
-    acquisition_copies: int = 1,
 ):
     """The seed's preprocessing for one (pixels, mask) variant: lung mask applied when asked, grey,
     resize, CLAHE (clip 0 = OpenCV's default), stored as uint8 shards per fold; the z-score is
@@ -23,8 +22,7 @@ def preprocess(
     from neumo import stages
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    info = stages.preprocess(manifest.path, variant, data.path, masks.path, clahe_clip or None, workers,
-                             acquisition_copies)
+    info = stages.preprocess(manifest_dir=manifest.path, variant=variant, out_dir=data.path, masks_dir=masks.path,
+                             clahe_clip=clahe_clip, acquisition_copies=acquisition_copies)
     data.metadata.update({"pixels": info["pixels"], "mask": info["mask"], "data_version": info["data_version"],
-                          "acquisition_copies": info["acquisition_copies"],
-                          "images": sum(info["counts"].values())})
+                          "acquisition_copies": info["acquisition_copies"], "images": sum(info["counts"].values())})

@@ -10,13 +10,13 @@ from components.images import CPU_IMAGE
 def suggest(
     search_space: dict,
     finished: List[str],
+    trials_per_round: int,
+    seed: int,
+    round_index: int,
+    results_uri: str,
+    config: dict,
     history_out: Output[Dataset],
     history_in: Input[Dataset] = None,
-    batch_size: int = 2,
-    seed: int = 0,
-    round_index: int = 0,
-    results_uri: str = "",
-    config: dict = {},
 ) -> List[dict]:
     """The next batch of trial configurations (mango, batch mode) from every finished trial: the
     earlier rounds' history, the last round's results and, on the first round, the training CSV
@@ -26,6 +26,8 @@ def suggest(
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO)
-    return stages.suggest(search_space, history_in.path if history_in else "", finished, batch_size, seed,
-                          history_out.path, results_uri, round_index, config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return stages.suggest(search_space=search_space, history_in=history_in.path if history_in else "",
+                          finished=finished, trials_per_round=trials_per_round, seed=seed,
+                          history_out=history_out.path, results_uri=results_uri, round_index=round_index,
+                          config=config)

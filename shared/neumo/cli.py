@@ -12,14 +12,29 @@
     neumo aggregate --history work/history.jsonl --results-uri work/results --out work/report
     neumo compare --a work/eval0 --b work/eval1 --split test   # McNemar + paired bootstrap AUC
     neumo synthetic --out work/synthetic     # synthetic chest X-rays in Kaggle + NIH layouts
+    neumo demo-data --out work/demo/data.json   # the data `make demo` runs on (real if found, else synthetic)
+    neumo preset demo                        # a preset's parameter values, as JSON
+
+Options named like a pipeline parameter (`--epochs`, `--seed`, ...) are that parameter, with its
+declared default (`neumo.parameters`); `neumo --preset NAME STAGE ...` takes a preset's values as
+the defaults instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
+import os
 import sys
+
+from neumo import parameters
+
+logger = logging.getLogger("neumo")
+
+#: Where `neumo demo-data` looks for the real images when --shared-data is not given.
+SHARED_DATA_ENV = "NEUMO_SHARED_DATA"
 
 
 def _json_arg(text: str):
@@ -30,92 +45,84 @@ def _json_arg(text: str):
     return json.loads(text)
 
 
-def _ingest(a):
-    from neumo import stages
-    from neumo.ingest import IngestConfig
+def _declared(a, func) -> dict:
+    """The values of `func`'s keyword arguments that are pipeline parameters, from the options."""
+    return {name: getattr(a, name) for name in inspect.signature(func).parameters if name in parameters.BY_NAME
+            and hasattr(a, name)}
 
-    summary = stages.ingest(IngestConfig(a.dataset_uri, a.masks_uri, a.pretrain_uri, a.valid_fraction,
-                                         a.sample_per_class, a.seed), a.out)
+
+def _stages():
+    from neumo import stages
+
+    return stages
+
+
+def _ingest(a):
+    s = _stages()
+    summary = s.ingest(out_dir=a.out, valid_fraction=a.valid_fraction, **_declared(a, s.ingest))
     return {k: summary[k] for k in ("files", "accepted", "rejected", "duplicate", "skipped", "data_version")}
 
 
 def _train_mask_model(a):
-    from neumo import stages
-    from neumo.masking import MaskModelConfig
-
-    config = MaskModelConfig(pixels=a.pixels, epochs=a.epochs, filters=a.filters, max_images=a.max_images, seed=a.seed)
-    return stages.mask_model(a.manifest, a.out, a.mask_model_uri, config)
+    s = _stages()
+    return s.mask_model(manifest_dir=a.manifest, out_dir=a.out, **_declared(a, s.mask_model))
 
 
 def _mask(a):
-    from neumo import stages
-
-    return stages.mask(a.manifest, a.mask_model, a.out)
+    return _stages().mask(manifest_dir=a.manifest, model_dir=a.mask_model, out_dir=a.out)
 
 
 def _preprocess(a):
-    from neumo import stages
-
-    return stages.preprocess(a.manifest, {"pixels": a.pixels, "mask": a.mask}, a.out, a.masks, a.clahe_clip, a.workers,
-                             a.acquisition_copies)
+    s = _stages()
+    return s.preprocess(manifest_dir=a.manifest, variant={"pixels": a.pixels, "mask": a.mask}, out_dir=a.out,
+                        masks_dir=a.masks, workers=a.workers, **_declared(a, s.preprocess))
 
 
 def _pretrain(a):
-    from neumo import stages
-    from neumo.training import PretrainConfig
-
-    return stages.pretrain(a.data, a.out, PretrainConfig(depth=a.depth, filters=a.filters, epochs=a.epochs, seed=a.seed))
+    s = _stages()
+    return s.pretrain(variant_dir=a.data, out_dir=a.out, **_declared(a, s.pretrain))
 
 
 def _catalog(a):
-    from neumo import data as nd
-    from neumo import stages
+    from neumo import data
 
     variants, backbones = [], []
     for data_dir, backbone_dir in a.variant:
-        info = nd.read_variant(data_dir)
+        info = data.read_variant(data_dir)
         variants.append({"uri": data_dir, "pixels": info["pixels"], "mask": info["mask"]})
         backbones.append({"uri": backbone_dir, "pixels": info["pixels"], "mask": info["mask"]})
-    return stages.catalog(variants, backbones, a.out)
+    return _stages().catalog(variants=variants, backbones=backbones, out_path=a.out)
 
 
 def _suggest(a):
-    from neumo import stages
-    from neumo.tuning import SearchSpace
-
-    space = _json_arg(a.search_space) if a.search_space else SearchSpace.default().to_dict()
-    configs = stages.suggest(space, a.history, [], a.batch_size, a.seed, a.history_out or a.history or "/dev/null",
-                             a.results_uri, a.round)
+    s = _stages()
+    configs = s.suggest(history_in=a.history, finished=[], history_out=a.history_out or a.history or os.devnull,
+                        round_index=a.round, **_declared(a, s.suggest))
     with open(a.out, "w") as fh:
         json.dump(configs, fh, indent=2)
     return configs
 
 
 def _train(a):
-    from neumo import stages
-    from neumo.training import TrainSettings
-
-    settings = TrainSettings(epochs=a.epochs, batch_size=a.batch_size, patience=a.patience, seed=a.seed)
-    row = stages.train(_json_arg(a.config), a.catalog, a.out, settings=settings, clahe_clip=a.clahe_clip, seed=a.seed)
-    with open(f"{a.out}/row.json", "w") as fh:
+    s = _stages()
+    row = s.train(trial=_json_arg(a.trial), catalog_path=a.catalog, out_dir=a.out, **_declared(a, s.train))
+    with open(os.path.join(a.out, "row.json"), "w") as fh:
         json.dump(row, fh, indent=2)
     return row
 
 
 def _evaluate(a):
-    from neumo import stages
-
-    record = stages.evaluate(a.model, a.catalog, _json_arg("@" + a.train_row), a.out, a.bootstrap)
+    s = _stages()
+    record = s.evaluate(model_dir=a.model, catalog_path=a.catalog, train_row=_json_arg("@" + a.train_row),
+                        out_dir=a.out, **_declared(a, s.evaluate))
     if a.history:
         with open(a.history, "a") as fh:
-            fh.write(json.dumps({k: record[k] for k in ("train", "eval", "figures_uri")}) + "\n")
+            fh.write(s.trial_record(record) + "\n")
     return record["eval"]
 
 
 def _aggregate(a):
-    from neumo import stages
-
-    return stages.aggregate(a.history, [], a.results_uri, a.out)
+    return _stages().aggregate(history_in=a.history, finished=[], results_uri=a.results_uri, out_dir=a.out)
 
 
 def _compare(a):
@@ -124,7 +131,7 @@ def _compare(a):
     from neumo import evaluation
 
     def read(folder):
-        with open(f"{folder}/predictions.csv") as fh:
+        with open(os.path.join(folder, "predictions.csv")) as fh:
             return {(r["split"], r["id"]): r for r in csv.DictReader(fh) if r["split"] == a.split}
 
     pa, pb = read(a.a), read(a.b)
@@ -142,40 +149,79 @@ def _compare(a):
 def _synthetic(a):
     from neumo import synthetic
 
-    n = synthetic.write_kaggle(f"{a.out}/images", {"train": (a.per_class, a.per_class), "val": (8, 8),
-                                                     "test": (a.per_class // 4, a.per_class // 4)},
-                               size=a.size, seed=a.seed, masks_uri=f"{a.out}/masks")
-    n += synthetic.write_nih(f"{a.out}/nih", a.per_class, size=a.size, seed=a.seed + 1)
-    return {"images": n, "out": a.out}
+    return synthetic.write_demo(a.out, per_class=a.per_class, size=a.size, seed=a.seed)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _demo_data(a):
+    """The data of `make demo`: the real Kermany + NIH images when the shared data folder is there,
+    else synthetic chest X-rays made once under the output's folder; writes the parameter values
+    (dataset_uri, masks_uri, pretrain_uri) as JSON for `--params`."""
+    from neumo import synthetic
+
+    shared = a.shared_data or os.environ.get(SHARED_DATA_ENV, "")
+    if shared and os.path.isdir(os.path.join(shared, "kermany_224", "train")):
+        found = {"dataset_uri": os.path.join(shared, "kermany_224"),
+                 "masks_uri": os.path.join(shared, "kermany_224_lung_masks"),
+                 "pretrain_uri": os.path.join(shared, "nih_sample")}
+        logger.info("demo data: the real images in %s", shared)
+    else:
+        folder = os.path.join(os.path.dirname(os.path.abspath(a.out)), "synthetic")
+        if not os.path.isdir(os.path.join(folder, "images")):
+            synthetic.write_demo(folder, per_class=60, size=256, seed=0)
+        found = {"dataset_uri": os.path.join(folder, "images"), "masks_uri": os.path.join(folder, "masks"),
+                 "pretrain_uri": os.path.join(folder, "nih")}
+        logger.info("demo data: no real images at %r; synthetic ones in %s", shared, folder)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(found, fh, indent=2)
+    return found
+
+
+def _preset(a):
+    return parameters.preset(a.name)
+
+
+def _add_declared(s: argparse.ArgumentParser, func, values: dict) -> None:
+    """An option for each keyword argument of `func` that is a pipeline parameter: its declared
+    name, type, meaning, and the (preset's) value as default."""
+    for name, arg in inspect.signature(func).parameters.items():
+        p = parameters.BY_NAME.get(name)
+        if p is None:
+            continue
+        kind = _json_arg if p.type is dict else p.type
+        if arg.default is inspect.Parameter.empty and p.type is not dict:  # the stage cannot run without it
+            s.add_argument(p.flag, type=kind, required=True, help=p.help)
+        else:
+            s.add_argument(p.flag, type=kind, default=values[name], help=f"{p.help} (default: {json.dumps(values[name])})")
+
+
+def build_parser(values: dict | None = None) -> argparse.ArgumentParser:
+    """The command line; `values`: the parameter values its options default to (the declared ones)."""
+    from neumo import stages
+
+    values = values or parameters.defaults()
     p = argparse.ArgumentParser(prog="neumo", description="Chest X-ray pneumonia pipeline stages, one per subcommand.",
                                 epilog="Each stage is also a Kubeflow component; see pipelines/full.py.")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--preset", choices=sorted(parameters.PRESETS), default="default",
+                   help="take a preset's parameter values as the options' defaults")
     sub = p.add_subparsers(dest="command", required=True, metavar="STAGE")
 
-    def stage(name, func, help_):
+    def stage(name, func, help_, over=None):
         s = sub.add_parser(name, help=help_, description=help_)
         s.set_defaults(func=func)
-        s.add_argument("--seed", type=int, default=0)
+        if over is not None:
+            _add_declared(s, over, values)
         return s
 
-    s = stage("ingest", _ingest, "validate a dataset: manifest, per-file report, patient-level split")
-    s.add_argument("--dataset-uri", required=True, help="folder or gs:// in split/CLASS/file layout")
-    s.add_argument("--masks-uri", default="")
-    s.add_argument("--pretrain-uri", default="", help="unlabelled images (NIH flat layout)")
-    s.add_argument("--valid-fraction", type=float, default=0.2)
-    s.add_argument("--sample-per-class", type=int, default=0)
+    s = stage("ingest", _ingest, "validate a dataset: manifest, per-file report, patient-level split", stages.ingest)
+    s.add_argument("--valid-fraction", type=float, default=inspect.signature(stages.ingest).parameters[
+        "valid_fraction"].default, help="share of the train split's patients held out as the valid fold")
     s.add_argument("--out", required=True)
 
-    s = stage("train-mask-model", _train_mask_model, "train (or import) the lung-mask U-Net; Dice and IoU")
+    s = stage("train-mask-model", _train_mask_model, "train (or import) the lung-mask U-Net; Dice and IoU",
+              stages.mask_model)
     s.add_argument("--manifest", required=True)
-    s.add_argument("--mask-model-uri", default="", help="import this .keras or legacy .h5 instead of training")
-    s.add_argument("--pixels", type=int, default=256)
-    s.add_argument("--epochs", type=int, default=10)
-    s.add_argument("--filters", type=int, default=16)
-    s.add_argument("--max-images", type=int, default=0)
     s.add_argument("--out", required=True)
 
     s = stage("mask", _mask, "lung masks for every image, QA and a contact sheet")
@@ -183,51 +229,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask-model", required=True, help="output folder of train-mask-model")
     s.add_argument("--out", required=True)
 
-    s = stage("preprocess", _preprocess, "the seed's preprocessing for one (pixels, mask) variant")
+    s = stage("preprocess", _preprocess, "the seed's preprocessing for one (pixels, mask) variant", stages.preprocess)
     s.add_argument("--manifest", required=True)
     s.add_argument("--masks", default="")
     s.add_argument("--pixels", type=int, required=True)
     s.add_argument("--mask", action="store_true")
-    s.add_argument("--clahe-clip", type=float, default=None)
-    s.add_argument("--workers", type=int, default=0)
-    s.add_argument("--acquisition-copies", type=int, default=1,
-                   help="extra copies of each train image through a random other acquisition (0-4)")
+    s.add_argument("--workers", type=int, default=0, help="decoding processes (0: one per core)")
     s.add_argument("--out", required=True)
 
-    s = stage("pretrain", _pretrain, "pretrain the U-Net autoencoder (restoration task) on a variant")
+    s = stage("pretrain", _pretrain, "pretrain the U-Net autoencoder (restoration task) on a variant", stages.pretrain)
     s.add_argument("--data", required=True)
-    s.add_argument("--depth", type=int, default=4)
-    s.add_argument("--filters", type=int, default=16)
-    s.add_argument("--epochs", type=int, default=10)
     s.add_argument("--out", required=True)
 
     s = stage("catalog", _catalog, "pair prepared variants with their pretrained backbones")
     s.add_argument("--variant", nargs=2, action="append", required=True, metavar=("DATA", "BACKBONE"))
     s.add_argument("--out", required=True)
 
-    s = stage("suggest", _suggest, "the next batch of trial configurations (mango)")
-    s.add_argument("--search-space", default="", help="JSON or @FILE (default: the seed's space)")
+    s = stage("suggest", _suggest, "the next batch of trial configurations (mango)", stages.suggest)
     s.add_argument("--history", default="", help="JSON-lines trial records so far")
     s.add_argument("--history-out", default="")
-    s.add_argument("--results-uri", default="")
-    s.add_argument("--batch-size", type=int, default=2)
     s.add_argument("--round", type=int, default=0)
     s.add_argument("--out", required=True)
 
-    s = stage("train", _train, "train one classifier trial")
-    s.add_argument("--config", required=True, help="JSON or @FILE")
+    s = stage("train", _train, "train one classifier trial", stages.train)
+    s.add_argument("--trial", required=True, help="the trial configuration: JSON or @FILE")
     s.add_argument("--catalog", required=True)
-    s.add_argument("--epochs", type=int, default=10)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--patience", type=int, default=3)
-    s.add_argument("--clahe-clip", type=float, default=None)
     s.add_argument("--out", required=True)
 
-    s = stage("evaluate", _evaluate, "evaluate a trained trial on test, val, test+val and valid")
+    s = stage("evaluate", _evaluate, "evaluate a trained trial on test, val, test+val and valid", stages.evaluate)
     s.add_argument("--model", required=True)
     s.add_argument("--catalog", required=True)
     s.add_argument("--train-row", required=True, help="the row.json written by train")
-    s.add_argument("--bootstrap", type=int, default=1000)
     s.add_argument("--history", default="", help="append the trial record to this JSON-lines file")
     s.add_argument("--out", required=True)
 
@@ -240,23 +272,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--a", required=True, help="evaluate output folder of model A (predictions.csv)")
     s.add_argument("--b", required=True, help="evaluate output folder of model B")
     s.add_argument("--split", default="test", help="test, val or valid")
-    s.add_argument("--bootstrap", type=int, default=2000)
+    s.add_argument("--bootstrap", type=int, default=values["bootstrap"], help=parameters.BY_NAME["bootstrap"].help)
+    s.add_argument("--seed", type=int, default=values["seed"])
 
     s = stage("synthetic", _synthetic, "write synthetic chest X-rays (Kaggle and NIH layouts) with lung masks")
     s.add_argument("--per-class", type=int, default=50)
     s.add_argument("--size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=values["seed"])
     s.add_argument("--out", required=True)
+
+    s = stage("demo-data", _demo_data, "find (or make) the demo's images; write their URIs as pipeline parameters")
+    s.add_argument("--shared-data", default="", help=f"the shared data folder (default: ${SHARED_DATA_ENV})")
+    s.add_argument("--out", required=True, help="the JSON file of parameters to write (for --params)")
+
+    s = stage("preset", _preset, "print a preset's parameter values as JSON")
+    s.add_argument("name", choices=sorted(parameters.PRESETS))
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=sorted(parameters.PRESETS), default="default")
+    known, _ = first.parse_known_args(argv)
+    args = build_parser(parameters.preset(known.preset)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError) as err:
-        logging.getLogger("neumo").error("%s: %s", args.command, err)
+        logger.error("%s: %s", args.command, err)
         return 2
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from neumo import storage
+from neumo.trial import AUGMENTATIONS  # the trial vocabulary: augmenter() implements each
 
 logger = logging.getLogger(__name__)
 
 FOLDS = ("train", "valid", "val", "test", "unlabelled")
-AUGMENTATIONS = ("none", "light", "strong")
 #: A fold whose stored images fit in this many bytes is cached in memory after the first epoch.
 CACHE_BYTES = 2 * 2**30
 #: Memory for the element shuffle buffer of a streamed (uncached) fold.

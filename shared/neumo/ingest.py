@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neumo import imaging, storage
+from neumo import imaging, parameters, storage
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 MANIFEST_COLUMNS = ["id", "uri", "split", "fold", "label", "target", "patient_id", "width", "height",
                     "bytes", "checksum", "mask_uri"]
 REPORT_COLUMNS = ["uri", "status", "reason", "id"]
+#: Share of the official train split's patients held out as the "valid" fold (the group's 0.8/0.2).
+VALID_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,9 @@ class IngestConfig:
     dataset_uri: str
     masks_uri: str = ""
     pretrain_uri: str = ""
-    valid_fraction: float = 0.2
-    sample_per_class: int = 0
-    seed: int = 0
+    valid_fraction: float = VALID_FRACTION
+    sample_per_class: int = parameters.default("sample_per_class")
+    seed: int = parameters.default("seed")
 
     def __post_init__(self):
         if not self.dataset_uri:

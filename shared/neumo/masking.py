@@ -12,6 +12,7 @@ import keras
 import numpy as np
 
 from neumo import imaging, models, storage
+from neumo.fitting import fit, set_seed
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ def dice_iou(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 def train(rows: list[dict], config: MaskModelConfig, out_dir: str) -> tuple[keras.Model, dict]:
     """Train the lung-mask U-Net on manifest rows that have masks; held-out patients (fold valid)
     are scored at their ORIGINAL size after the seed's post-processing. Saves lung_mask.keras."""
-    from neumo.training import _fit, set_seed
-
     pairs = [r for r in rows if r.get("mask_uri")]
     if not pairs:
         raise ValueError("no image has a lung mask: give masks_uri, or a mask model (mask_model_uri)")
@@ -90,7 +89,7 @@ def train(rows: list[dict], config: MaskModelConfig, out_dir: str) -> tuple[kera
     vds = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(config.batch_size)
     model = models.build_unet(config.pixels, config.depth, config.filters, "sigmoid", name="lung_mask")
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=bce_dice)
-    curve, seconds = _fit(model, ds, vds, config.epochs, "val_loss", "min", 3, out_dir, "mask model")
+    curve, seconds = fit(model, ds, vds, config.epochs, "val_loss", "min", 3, out_dir, "mask model")
     model.save(os.path.join(out_dir, "lung_mask.keras"))
     scores = [dice_iou(*_mask_vs_truth(model, r, config.pixels)) for r in held]
     result = {

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neumo import data as nd
-from neumo import imaging, shifts, storage
+from neumo import imaging, parameters, shifts, storage
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ LOG_EVERY_S = 10.0
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """One data variant: output size, lung masking, CLAHE clip (None = OpenCV's default 40).
+    """One data variant: output size, lung masking, CLAHE clip (None or 0 = OpenCV's default 40).
 
     `acquisition_copies`: extra copies of every TRAIN-fold image, each through a random other
     acquisition (a tighter field of view, sensor noise) before the seed's chain: augmentation
@@ -55,13 +55,15 @@ class PreprocessConfig:
 
     pixels: int
     mask: bool = False
-    clahe_clip: float | None = None
-    acquisition_copies: int = 0
+    clahe_clip: float | None = parameters.default("clahe_clip")
+    acquisition_copies: int = parameters.default("acquisition_copies")
     workers: int = 0
     shard_bytes: int = SHARD_BYTES
     min_shards: int = MIN_SHARDS
 
     def __post_init__(self):
+        if self.clahe_clip == 0 and not isinstance(self.clahe_clip, bool):
+            object.__setattr__(self, "clahe_clip", None)  # the pipeline parameter's 0 = OpenCV's default
         if not isinstance(self.pixels, int) or self.pixels < 8:
             raise ValueError(f"pixels must be an integer >= 8, got {self.pixels!r}")
         imaging.clahe_limit(self.clahe_clip)
@@ -134,7 +136,7 @@ def _shard_jobs(manifest: list[dict], config: PreprocessConfig, masks_uri: str):
     return by_fold, plan
 
 
-def run(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri: str = "", data_version: str = "") -> dict:
+def prepare_variant(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri: str = "", data_version: str = "") -> dict:
     """Write the variant folder (<fold>/shard-NNNNN.npz, then variant.json); returns variant.json's dict.
 
     Shards are identical, byte for byte, whatever the number of workers.

@@ -1,24 +1,29 @@
 """One function per pipeline stage, over folders and URIs: what the KFP components and the
-`neumo` command both call. Each validates its inputs first, writes its outputs into the given
-folder (an artifact path in Kubeflow) and returns a small dict for artifact metadata."""
+`neumo` command both call. Every argument is passed by keyword; an argument named like a pipeline
+parameter (`neumo.parameters`) means that parameter and takes its declared default. Each stage
+validates its inputs first, writes its outputs into the given folder (an artifact path in Kubeflow)
+and returns a small dict for the artifact's metadata."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import time
-from dataclasses import asdict
 
 import numpy as np
 
-from neumo import ingest as ni
-from neumo import storage
-from neumo.tuning import KEYS as TRIAL_KEYS
+from neumo import ingest as listing
+from neumo import parameters, storage
 
 logger = logging.getLogger(__name__)
 
+D = parameters.defaults()  # each stage's defaults are the declared ones
 MANIFEST = "manifest.csv"
+#: Images decoded and masked per step of the mask stage (bounded memory at full resolution).
+MASK_CHUNK = 32
 
 
 def _write_json(path: str, obj) -> None:
@@ -29,14 +34,16 @@ def _read_json(path: str):
     return json.loads(storage.read_text(path))
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 # --- fingerprint, ingest --------------------------------------------------------------------
 
-def fingerprint(*uris: str) -> str:
-    """A short hash of what lies under the given folders (relative names, sizes, versions)."""
-    import hashlib
-
+def fingerprint(*, dataset_uri: str, masks_uri: str = D["masks_uri"], pretrain_uri: str = D["pretrain_uri"]) -> str:
+    """A short hash of what lies under the data URIs (relative names, sizes, versions; nothing is read)."""
     h = hashlib.sha256()
-    for base in uris:
+    for base in (dataset_uri, masks_uri, pretrain_uri):
         if not base:
             continue
         h.update(f"{base}\n".encode())
@@ -45,21 +52,28 @@ def fingerprint(*uris: str) -> str:
     return h.hexdigest()[:16]
 
 
-def ingest(config: ni.IngestConfig, out_dir: str) -> dict:
-    """Manifest, per-file report and summary of a dataset (+ optional unlabelled set) in out_dir."""
-    manifest, report, summary = ni.scan(config)
+def ingest(*, dataset_uri: str, out_dir: str, masks_uri: str = D["masks_uri"], pretrain_uri: str = D["pretrain_uri"],
+           sample_per_class: int = D["sample_per_class"], seed: int = D["seed"],
+           valid_fraction: float = listing.VALID_FRACTION, report_path: str = "") -> dict:
+    """Manifest, per-file report and summary of a dataset (+ optional unlabelled set) in out_dir;
+    the summary as Markdown at report_path when given."""
+    config = listing.IngestConfig(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri,
+                                  valid_fraction=valid_fraction, sample_per_class=sample_per_class, seed=seed)
+    manifest, report, summary = listing.scan(config)
     if not any(r["fold"] == "train" for r in manifest):
         raise ValueError(f"no accepted training image under {config.dataset_uri}: see the report")
-    summary["data_version"] = ni.data_version(manifest)
-    storage.write_text(storage.join(out_dir, MANIFEST), ni.to_csv(manifest, ni.MANIFEST_COLUMNS))
-    storage.write_text(storage.join(out_dir, "report.csv"), ni.to_csv(report, ni.REPORT_COLUMNS))
+    summary["data_version"] = listing.data_version(manifest)
+    storage.write_text(storage.join(out_dir, MANIFEST), listing.to_csv(manifest, listing.MANIFEST_COLUMNS))
+    storage.write_text(storage.join(out_dir, "report.csv"), listing.to_csv(report, listing.REPORT_COLUMNS))
     _write_json(storage.join(out_dir, "summary.json"), summary)
+    if report_path:
+        storage.write_text(report_path, ingest_report_markdown(summary))
     logger.info("ingest: %s", json.dumps({k: summary[k] for k in ("files", "accepted", "rejected", "duplicate", "skipped")}))
     return summary
 
 
 def load_manifest(manifest_dir: str) -> list[dict]:
-    return ni.read_manifest(storage.join(manifest_dir, MANIFEST))
+    return listing.read_manifest(storage.join(manifest_dir, MANIFEST))
 
 
 def ingest_report_markdown(summary: dict) -> str:
@@ -76,19 +90,18 @@ def ingest_report_markdown(summary: dict) -> str:
 
 # --- plan -----------------------------------------------------------------------------------
 
-def plan(search_space: dict, manifest_dir: str, mask_model_uri: str = "", depth: int = 4,
-         results_uri: str = "", config: dict | None = None, clahe_clip: float | None = None,
-         acquisition_copies: int = 0) -> list[dict]:
+def plan(*, search_space: dict = D["search_space"], manifest_dir: str, mask_model_uri: str = D["mask_model_uri"],
+         depth: int = D["depth"], results_uri: str = "", config: dict = D["config"],
+         clahe_clip: float = D["clahe_clip"], acquisition_copies: int = D["acquisition_copies"]) -> list[dict]:
     """Validate the search space (or the one `config` of a single run) against the data and the
     U-Net depth, the preprocessing settings, and check the results URI is writable, before any
     GPU time; the (pixels, mask) variants to prepare."""
     from neumo.preprocess import PreprocessConfig
-    from neumo.training import TrialConfig
-    from neumo.tuning import SearchSpace
+    from neumo.trial import SearchSpace, TrialConfig
 
     if config:
-        cfg = TrialConfig.from_dict(config)
-        search_space = {**search_space, "pixels": [cfg.pixels], "mask": [cfg.mask]}
+        trial = TrialConfig.from_dict(config)
+        search_space = {**search_space, "pixels": [trial.pixels], "mask": [trial.mask]}
     space = SearchSpace.from_dict(search_space)
     factor = 2 ** int(depth)
     bad = [p for p in space.pixels if p % factor]
@@ -106,13 +119,17 @@ def plan(search_space: dict, manifest_dir: str, mask_model_uri: str = "", depth:
 
 # --- lung masks -----------------------------------------------------------------------------
 
-def mask_model(manifest_dir: str, out_dir: str, mask_model_uri: str = "", config=None, needed: bool = True) -> dict:
-    """Import the given lung-mask model (`.keras` or legacy `.h5`), or train one on the masks."""
+def mask_model(*, manifest_dir: str, out_dir: str, mask_model_uri: str = D["mask_model_uri"],
+               mask_pixels: int = D["mask_pixels"], mask_epochs: int = D["mask_epochs"],
+               mask_max_images: int = D["mask_max_images"], filters: int = D["filters"], seed: int = D["seed"],
+               planned: list[dict] | None = None, mask_depth: int | None = None) -> dict:
+    """Import the given lung-mask model (`.keras` or legacy `.h5`), or train one on the masks.
+    Does nothing when none of the `planned` variants (plan's output; None: assume needed) is masked.
+    `mask_depth`: levels of the mask U-Net (None: the library's)."""
     from neumo import masking
 
-    config = config or masking.MaskModelConfig()
     os.makedirs(out_dir, exist_ok=True)
-    if not needed:
+    if planned is not None and not any(v["mask"] for v in planned):
         info = {"source": "none", "reason": "no masked variant in the search space"}
     elif mask_model_uri:
         name = "lung_mask" + (os.path.splitext(mask_model_uri)[1].lower() or ".keras")  # load() checks it
@@ -125,13 +142,16 @@ def mask_model(manifest_dir: str, out_dir: str, mask_model_uri: str = "", config
             info = {"source": "none", "reason": "no lung masks in the dataset and no mask_model_uri"}
             logger.warning("mask model: %s; masked variants are unavailable", info["reason"])
         else:
+            depth = {} if mask_depth is None else {"depth": mask_depth}
+            config = masking.MaskModelConfig(pixels=mask_pixels, epochs=mask_epochs, filters=filters,
+                                             max_images=mask_max_images, seed=seed, **depth)
             _, scores = masking.train(rows, config, out_dir)
             info = {"source": "trained", "file": "lung_mask.keras", **scores}
     _write_json(os.path.join(out_dir, "mask_model.json"), info)
     return info
 
 
-def mask(manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24) -> dict:
+def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24) -> dict:
     """Lung masks for every image at its original size, per-image QA and a contact sheet."""
     import cv2
 
@@ -147,8 +167,8 @@ def mask(manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24) 
     pixels = masking.model_pixels(model)
     rows = load_manifest(manifest_dir)
     sheet = ([], [], [])
-    for lo in range(0, len(rows), 32):
-        chunk = rows[lo:lo + 32]
+    for lo in range(0, len(rows), MASK_CHUNK):
+        chunk = rows[lo:lo + MASK_CHUNK]
         images = [imaging.decode(storage.read_bytes(r["uri"])) for r in chunk]
         for r, image, m in zip(chunk, images, masking.predict_masks(model, images, pixels)):
             storage.write_bytes(mask_path(out_dir, r["id"]), cv2.imencode(".png", m.astype(np.uint8) * 255)[1].tobytes())
@@ -159,7 +179,8 @@ def mask(manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24) 
                 for lst, v in zip(sheet, (image, m, r["id"])):
                     lst.append(v)
         logger.info("mask: %d/%d images", lo + len(chunk), len(rows))
-    storage.write_text(os.path.join(out_dir, "qa.csv"), ni.to_csv(qa_rows, ["id", "lung_fraction", "components", "flags"]))
+    storage.write_text(os.path.join(out_dir, "qa.csv"),
+                       listing.to_csv(qa_rows, ["id", "lung_fraction", "components", "flags"]))
     if sheet[0]:
         cv2.imwrite(os.path.join(out_dir, "contact_sheet.png"), masking.contact_sheet(*sheet))
     flagged = sum(1 for q in qa_rows if q["flags"])
@@ -171,60 +192,53 @@ def mask(manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24) 
 
 # --- preprocess, pretrain, catalog ----------------------------------------------------------
 
-def preprocess(manifest_dir: str, variant: dict, out_dir: str, masks_dir: str = "", clahe_clip: float | None = None,
-               workers: int = 0, acquisition_copies: int = 0) -> dict:
-    """Prepare one (pixels, mask) variant of every manifest image as uint8 shards per fold."""
-    from neumo.preprocess import PreprocessConfig, run
+def preprocess(*, manifest_dir: str, variant: dict, out_dir: str, masks_dir: str = "",
+               clahe_clip: float = D["clahe_clip"], acquisition_copies: int = D["acquisition_copies"],
+               workers: int = 0) -> dict:
+    """Prepare one (pixels, mask) variant of every manifest image as uint8 shards per fold.
+    `workers`: decoding processes (0 = one per core)."""
+    from neumo.preprocess import PreprocessConfig, prepare_variant
 
-    config = PreprocessConfig(pixels=int(variant["pixels"]), mask=bool(variant["mask"]), clahe_clip=clahe_clip,
+    config = PreprocessConfig(pixels=_as_int(variant["pixels"]), mask=bool(variant["mask"]), clahe_clip=clahe_clip,
                               workers=workers, acquisition_copies=acquisition_copies)
     if config.mask and not (masks_dir and _read_json(os.path.join(masks_dir, "masks.json")).get("available")):
         raise ValueError("a masked variant was asked for, but the mask stage produced no masks")
     summary = _read_json(storage.join(manifest_dir, "summary.json"))
-    return run(load_manifest(manifest_dir), config, out_dir, masks_dir if config.mask else "", summary["data_version"])
+    return prepare_variant(load_manifest(manifest_dir), config, out_dir, masks_dir if config.mask else "",
+                           summary["data_version"])
 
 
-def pretrain(variant_dir: str, out_dir: str, config=None) -> dict:
+def _as_int(value) -> int:
+    """KFP's local runner hands the ints inside dicts over as floats."""
+    return int(float(value))
+
+
+def pretrain(*, variant_dir: str, out_dir: str, pretrain_epochs: int = D["pretrain_epochs"], filters: int = D["filters"],
+             depth: int = D["depth"], seed: int = D["seed"]) -> dict:
     """Pretrain the U-Net autoencoder on the variant's unlabelled images and its train fold (labels
     unused; never the valid, val or test images, which judge the classifiers)."""
-    from neumo import data as nd
-    from neumo import training
-    from neumo.preprocess import COPY_MARK
+    from neumo import figures, training
 
-    config = config or training.PretrainConfig()
-    info = nd.read_variant(variant_dir)
-    folds = [nd.load_fold(variant_dir, f) for f in ("unlabelled", "train")]
-    originals = np.array([COPY_MARK not in str(i) for i in folds[1].ids], bool)  # acquisition copies are for classifiers
-    folds[1] = nd.Fold(folds[1].images[originals], folds[1].targets[originals], folds[1].ids[originals])
-    images = nd.Fold(*(np.concatenate([getattr(f, k) for f in folds]) for k in ("images", "targets", "ids")))
-    source = f"{len(folds[0])} unlabelled + {len(folds[1])} train"
-    if len(images) < 2:
-        raise ValueError(f"pretraining needs at least 2 images; variant {variant_dir} has {len(images)}")
-    order = np.random.default_rng(config.seed).permutation(len(images))
-    images = nd.Fold(images.images[order], images.targets[order], images.ids[order])
-    n_valid = max(1, len(images) // 10)
-    fit = nd.Fold(images.images[n_valid:], images.targets[n_valid:], images.ids[n_valid:])
-    held = nd.Fold(images.images[:n_valid], images.targets[:n_valid], images.ids[:n_valid])
+    config = training.PretrainConfig(epochs=pretrain_epochs, filters=filters, depth=depth, seed=seed)
+    info, fit, held, source = training.pretraining_data(variant_dir, seed)
     _, curve, seconds = training.pretrain(fit, held, int(info["pixels"]), config, out_dir)
-    from neumo import figures
-
     figures.curve_png({k: curve[k] for k in ("loss", "val_loss") if k in curve}, os.path.join(out_dir, "loss_curve.png"),
                       f"reconstruction loss, {info['pixels']} px, mask={info['mask']}")
     result = {"pixels": int(info["pixels"]), "mask": bool(info["mask"]), "images": len(fit), "source": source,
               "final_loss": float(curve["loss"][-1]), "best_val_loss": float(min(curve["val_loss"])),
-              "seconds": round(seconds, 1), "config": asdict(config)}
+              "seconds": round(seconds, 1), "config": config.__dict__}
     _write_json(os.path.join(out_dir, "pretrain.json"), result)
     return result
 
 
-def catalog(variants: list[dict], backbones: list[dict], out_path: str) -> list[dict]:
+def catalog(*, variants: list[dict], backbones: list[dict], out_path: str) -> list[dict]:
     """Pair each prepared variant with its pretrained backbone, by (pixels, mask).
 
-    `variants` and `backbones` are [{"uri": ..., "pixels": ..., "mask": ...}] from artifact
-    metadata (KFP's local runner turns the ints into floats: normalised here).
+    `variants` and `backbones` are [{"uri": ..., "pixels": ..., "mask": ...}] (artifact URIs with
+    their metadata).
     """
     def key(d):
-        return int(d["pixels"]), bool(d["mask"])
+        return _as_int(d["pixels"]), bool(d["mask"])
 
     by_key = {key(b): b["uri"] for b in backbones}
     entries = []
@@ -245,32 +259,31 @@ def _variant(catalog_path: str, pixels: int, use_mask: bool) -> dict:
 
 # --- tuning ---------------------------------------------------------------------------------
 
-def suggest(search_space: dict, history_in: str, finished: list[str], batch_size: int, seed: int,
-            history_out: str, results_uri: str = "", round_index: int = 0, config: dict | None = None) -> list[dict]:
+def suggest(*, search_space: dict = D["search_space"], history_in: str = "", finished: list[str], history_out: str,
+            trials_per_round: int = D["trials_per_round"], seed: int = D["seed"], results_uri: str = "",
+            round_index: int = 0, config: dict = D["config"]) -> list[dict]:
     """The next batch of configurations from every finished trial: earlier rounds (history_in,
     a JSON-lines file of trial records), the last round (`finished`, JSON strings) and, on the
     first round, the training CSV already at results_uri (so a recurring run continues). A given
     `config` is the batch (a single run: no tuning)."""
-    from dataclasses import asdict
-
-    from neumo import results, training, tuning
+    from neumo import results, trial, tuning
 
     if config:
         storage.write_text(history_out, "")
-        return [{**asdict(training.TrialConfig.from_dict(config)), "round": round_index, "trial": 0}]
+        return [{**trial.TrialConfig.from_dict(config).to_dict(), "round": round_index, "trial": 0}]
 
-    space = tuning.SearchSpace.from_dict(search_space)
+    space = trial.SearchSpace.from_dict(search_space)
     _check_round(finished, round_index - 1)
     records = _read_records(history_in) + [json.loads(s) for s in finished]
-    trials = [_trial_point(r["train"]) for r in records]
+    points = [_trial_point(r["train"]) for r in records]
     if results_uri and round_index == 0:
         previous = results.read_rows(storage.join(results_uri, results.TRAIN_CSV))
-        trials += [_trial_point(r) for r in previous if _in_space(r, space)]
-    configs = tuning.suggest(space, trials, batch_size, seed + round_index)
+        points += [p for p in map(_trial_point, previous) if p is not None and space.contains(p)]
+    configs = tuning.suggest(space, [p for p in points if p is not None], trials_per_round, seed + round_index)
     storage.write_text(history_out, "".join(json.dumps(r) + "\n" for r in records))
     for i, c in enumerate(configs):
         c.update({"round": round_index, "trial": i})
-    logger.info("suggest round %d: %d configurations from %d finished trials", round_index, len(configs), len(trials))
+    logger.info("suggest round %d: %d configurations from %d finished trials", round_index, len(configs), len(points))
     return configs
 
 
@@ -288,63 +301,82 @@ def _read_records(path: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
+def _trial_point(row: dict) -> dict | None:
+    """A training row as the optimiser sees it: the configuration and its score (None if failed);
+    None for a row that is not a usable configuration (logged)."""
+    from neumo import trial
 
-
-def _trial_point(row: dict) -> dict:
-    """A training row as the optimiser sees it: the configuration and its score (None if failed)."""
-    def parse(k, v):
-        if k in ("mask", "class_weight"):
-            return v in (True, "True", "true", "1", 1)
-        if k in ("pixels", "model", "frozen_layers"):
-            return int(float(v))
-        if k == "learning_rate":
-            return float(v)
-        return str(v)
-
-    point = {k: parse(k, row[k]) for k in TRIAL_KEYS}
+    try:
+        point = trial.coerce(row, what="training row")
+    except ValueError as err:
+        logger.warning("suggest: a training row is skipped: %s", err)
+        return None
     score = row.get("score")
     point["score"] = float(score) if score not in (None, "", "nan") and row.get("status", "ok") == "ok" else None
     return point
 
 
-def _in_space(row: dict, space) -> bool:
-    try:
-        return space.contains(_trial_point(row))
-    except (KeyError, ValueError):
-        return False
-
-
 # --- one trial: train, evaluate -------------------------------------------------------------
 
-def train(config: dict, catalog_path: str, out_dir: str, model_uri: str = "", settings=None, run_id: str = "",
-          clahe_clip: float | None = None, seed: int = 0, checkpoint_root: str = "") -> dict:
-    """Train one trial; returns its training-CSV row (status ok). With a checkpoint_root the
-    training state is backed up under it per (run, round, trial) and a restarted pod resumes."""
-    from neumo import training
+def train(*, trial: dict, catalog_path: str, out_dir: str, model_uri: str = "", epochs: int = D["epochs"],
+          batch_size: int = D["batch_size"], patience: int = D["patience"], seed: int = D["seed"], run_id: str = "",
+          results_uri: str = "") -> dict:
+    """Train one trial (`trial`: its configuration, with its "round" and "trial" index); returns
+    its training-CSV row. A trial that fails (NaN loss, out of memory,
+    an impossible configuration) returns a failed row with the reason instead of raising, so one
+    trial never sinks its round. With a results_uri the training state is backed up under
+    results_uri/checkpoints/RUN/round-R-trial-T every epoch and a restarted pod resumes."""
+    try:
+        return _train(trial=trial, catalog_path=catalog_path, out_dir=out_dir, model_uri=model_uri, epochs=epochs,
+                      batch_size=batch_size, patience=patience, seed=seed, run_id=run_id, results_uri=results_uri)
+    except Exception as err:  # noqa: BLE001 - any failure of one trial becomes its failed row
+        logger.exception("trial failed")
+        return failed_row(trial, f"{type(err).__name__}: {err}", run_id, seed)
 
-    cfg = training.TrialConfig.from_dict(config)
-    settings = settings or training.TrainSettings(seed=seed)
+
+def _train(*, trial, catalog_path, out_dir, model_uri, epochs, batch_size, patience, seed, run_id, results_uri):
+    from neumo import training
+    from neumo.trial import TrialConfig
+
+    cfg = TrialConfig.from_dict(trial)
+    settings = training.TrainSettings(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed)
     entry = _variant(catalog_path, cfg.pixels, cfg.mask)
     backbone = os.path.join(out_dir, "backbone.keras")
     storage.download(storage.join(entry["backbone_uri"], "autoencoder.keras"), backbone)
     os.makedirs(out_dir, exist_ok=True)
+    where = _where(trial)
     checkpoint = ""
-    if checkpoint_root:
-        checkpoint = storage.join(checkpoint_root, "checkpoints", run_id or "run",
-                                  f"round-{int(config.get('round', 0))}-trial-{int(config.get('trial', 0))}")
+    if results_uri:
+        checkpoint = storage.join(results_uri, "checkpoints", run_id or "run",
+                                  f"round-{where['round']}-trial-{where['trial']}")
     result = training.train_trial(cfg, settings, entry["data_uri"], backbone, out_dir, checkpoint)
     os.remove(backbone)
     info = _read_json_safe(storage.join(entry["data_uri"], "variant.json"))
+    clip = info.get("clahe_clip")
     return {
-        "run_id": run_id, "round": int(config.get("round", 0)), "trial": int(config.get("trial", 0)), "status": "ok",
-        "error": "", **asdict(cfg), "clahe_clip": "" if clahe_clip is None else clahe_clip,
+        "run_id": run_id, **where, "status": "ok", "error": "", **cfg.to_dict(),
+        "clahe_clip": "" if clip is None else clip,
         "epochs": result.epochs, "best_epoch": result.best_epoch, "train_loss": result.train_loss,
         "val_loss": result.val_loss, "val_accuracy": result.val_accuracy, "val_auc": result.val_auc,
         "threshold": result.threshold, "score": result.val_auc, "duration_s": result.duration_s,
         "model_uri": model_uri or out_dir, "data_version": info.get("data_version", ""),
         "git_revision": os.environ.get("NEUMO_GIT_REVISION", ""), "image": os.environ.get("NEUMO_IMAGE", ""),
-        "seed": settings.seed, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seed": settings.seed, "finished_at": _now(),
     }
+
+
+def _where(config: dict) -> dict:
+    """The trial's place in the run: {"round": R, "trial": T}."""
+    return {k: _as_int(config.get(k, 0)) for k in ("round", "trial")}
+
+
+def trial_metadata(row: dict) -> dict:
+    """What a trained model's artifact metadata shows: status, variant, head and a finite score."""
+    meta = {k: row[k] for k in ("status", "pixels", "mask", "model") if k in row}
+    score = row.get("score")
+    if isinstance(score, float) and math.isfinite(score):  # KFP metadata cannot hold NaN
+        meta["score"] = score
+    return meta
 
 
 def _read_json_safe(uri: str) -> dict:
@@ -352,26 +384,28 @@ def _read_json_safe(uri: str) -> dict:
 
 
 EVAL_SPLITS = ("test", "val", "test+val", "valid")
+EVAL_METRICS = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")
 
 
-def evaluate(model_dir: str, catalog_path: str, train_row: dict, out_dir: str, bootstrap: int = 1000,
+def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str, bootstrap: int = D["bootstrap"],
              out_uri: str = "") -> dict:
     """Metrics of a trained trial on each split the seed used (test, val, test+val) plus our
     patient-level validation fold, at the stored threshold; per-image predictions; ROC data.
     Returns the trial record {"train": row, "eval": [rows], "figures_uri": where the PNGs are
-    (out_uri, else out_dir), "roc": {...}}."""
+    (out_uri, else out_dir), "roc": {...}}; a failed trial's record has no evaluation."""
     import keras
 
-    from neumo import data as nd
-    from neumo import evaluation, training
+    from neumo import data, evaluation, training, trial
 
+    if train_row.get("status") != "ok":
+        return {"train": train_row, "eval": [], "figures_uri": "", "roc": {}}
     meta = _read_json(os.path.join(model_dir, "model.json"))
-    cfg = training.TrialConfig.from_dict(meta["config"])
+    cfg = trial.TrialConfig.from_dict(meta["config"])
     entry = _variant(catalog_path, cfg.pixels, cfg.mask)
-    model = keras.saving.load_model(os.path.join(model_dir, "model.keras"), compile=False, safe_mode=True)
-    folds = {f: nd.load_fold(entry["data_uri"], f) for f in ("test", "val", "valid")}
+    classifier = keras.saving.load_model(os.path.join(model_dir, "model.keras"), compile=False, safe_mode=True)
+    folds = {f: data.load_fold(entry["data_uri"], f) for f in ("test", "val", "valid")}
     eval_rows, predictions, roc = [], [], {}
-    probs = {f: training.predict(model, fold) for f, fold in folds.items()}
+    probs = {f: training.predict(classifier, fold) for f, fold in folds.items()}
     for split in EVAL_SPLITS:
         parts = split.split("+")
         t = np.concatenate([folds[p].targets for p in parts]).astype(int)
@@ -383,11 +417,9 @@ def evaluate(model_dir: str, catalog_path: str, train_row: dict, out_dir: str, b
         eval_rows.append({
             "run_id": train_row.get("run_id", ""), "round": train_row.get("round", ""), "trial": train_row.get("trial", ""),
             "model_uri": train_row.get("model_uri", ""), "split": split, **{k: m[k] for k in (
-                "n", "loss", "accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "tn", "fp", "fn", "tp",
-                "threshold")},
-            **{f"{k}_{side}": ci[k][j] for k in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")
-               for j, side in enumerate(("low", "high"))},
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "n", "loss", *EVAL_METRICS, "tn", "fp", "fn", "tp", "threshold")},
+            **{f"{k}_{side}": ci[k][j] for k in EVAL_METRICS for j, side in enumerate(("low", "high"))},
+            "finished_at": _now(),
         })
         if "+" not in split:
             predictions += [{"id": i, "split": split, "target": int(y), "probability": float(q),
@@ -396,14 +428,35 @@ def evaluate(model_dir: str, catalog_path: str, train_row: dict, out_dir: str, b
         roc[split] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": th.tolist()}
     os.makedirs(out_dir, exist_ok=True)
     storage.write_text(os.path.join(out_dir, "predictions.csv"),
-                       ni.to_csv(predictions, ["id", "split", "target", "probability", "predicted"]))
-    _figures(model, folds, probs, meta["threshold"], eval_rows, roc, out_dir)
+                       listing.to_csv(predictions, ["id", "split", "target", "probability", "predicted"]))
+    _figures(classifier, folds, probs, meta["threshold"], eval_rows, roc, out_dir)
     record = {"train": train_row, "eval": eval_rows, "figures_uri": out_uri or out_dir}
     _write_json(os.path.join(out_dir, "evaluation.json"), {**record, "roc": roc})
     return {**record, "roc": roc}
 
 
-def _figures(model, folds: dict, probs: dict, threshold: float, eval_rows: list[dict], roc: dict, out_dir: str,
+def shown_metrics(record: dict) -> dict | None:
+    """What the Kubeflow UI shows of an evaluation: the first of test, val, test+val (else the
+    valid fold), as {"metrics": {"SPLIT_NAME": value} (finite only: KFP metadata cannot hold NaN,
+    e.g. precision with no positive call), "roc": (fpr, tpr, thresholds), "confusion": (labels,
+    matrix)}; None when nothing was evaluated."""
+    rows = record["eval"]
+    shown = next((e for e in rows if e["split"] != "valid"), rows[0] if rows else None)
+    if shown is None:
+        return None
+    split = shown["split"]
+    metrics = {f"{split}_{k}": float(shown[k]) for k in (*EVAL_METRICS, "loss") if math.isfinite(shown[k])}
+    curve = record["roc"][split]
+    return {"metrics": metrics, "roc": (curve["fpr"], curve["tpr"], curve["thresholds"]),
+            "confusion": (["NORMAL", "PNEUMONIA"], [[shown["tn"], shown["fp"]], [shown["fn"], shown["tp"]]])}
+
+
+def trial_record(record: dict) -> str:
+    """The JSON a trial hands on to the next round and to aggregate (no ROC points)."""
+    return json.dumps({k: record[k] for k in ("train", "eval", "figures_uri")})
+
+
+def _figures(classifier, folds: dict, probs: dict, threshold: float, eval_rows: list[dict], roc: dict, out_dir: str,
              per_group: int = 3) -> None:
     """roc.png, confusion.png and gradcam.png (a few right and wrong calls of each class, from the
     first labelled split: clinicians would rather look than read)."""
@@ -424,7 +477,8 @@ def _figures(model, folds: dict, probs: dict, threshold: float, eval_rows: list[
                 titles.append(f"{('NORMAL', 'PNEUMONIA')[target]} p={p[i]:.2f} {'right' if right else 'WRONG'}")
     if picks:
         x = imaging.zscore(fold.images[picks])
-        figures.gradcam_png(fold.images[picks], models.grad_cam(model, x), titles, os.path.join(out_dir, "gradcam.png"))
+        figures.gradcam_png(fold.images[picks], models.grad_cam(classifier, x), titles,
+                            os.path.join(out_dir, "gradcam.png"))
 
 
 def _best_figures(ok_records: list[dict]) -> dict[str, bytes]:
@@ -441,22 +495,25 @@ def _best_figures(ok_records: list[dict]) -> dict[str, bytes]:
     return found
 
 
-def failed_row(config: dict, error: str, run_id: str = "", seed: int = 0) -> dict:
-    """The training-CSV row of a trial that could not finish, with the reason."""
-    row = {k: config.get(k, "") for k in TRIAL_KEYS}
-    for k in ("pixels", "model", "frozen_layers"):  # KFP's local runner hands ints over as floats
+def failed_row(config: dict, error: str, run_id: str = "", seed: int = D["seed"]) -> dict:
+    """The training-CSV row of a trial that could not finish, with the reason (its configuration
+    as given, ints that KFP turned into floats made ints again)."""
+    from neumo.trial import KEYS
+
+    row = {k: config.get(k, "") for k in KEYS}
+    for k in ("pixels", "model", "frozen_layers"):
         if isinstance(row[k], float) and row[k].is_integer():
             row[k] = int(row[k])
-    return {"run_id": run_id, "round": int(config.get("round", 0)), "trial": int(config.get("trial", 0)),
-            "status": "failed", "error": error[:500], **row, "seed": seed,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {"run_id": run_id, **_where(config), "status": "failed", "error": error[:500], **row, "seed": seed,
+            "finished_at": _now()}
 
 
 # --- aggregate ------------------------------------------------------------------------------
 
-def aggregate(history_in: str, finished: list[str], results_uri: str, out_dir: str) -> dict:
+def aggregate(*, history_in: str, finished: list[str], results_uri: str, out_dir: str, report_path: str = "") -> dict:
     """Append every trial of this run to the two CSVs at results_uri (earlier rows kept byte for
-    byte), and write copies plus an HTML report with the leaderboard and plots to out_dir."""
+    byte), and write copies plus an HTML report with the leaderboard and plots to out_dir (and
+    the report to report_path when given)."""
     from neumo import results
 
     records = _read_records(history_in) + [json.loads(s) for s in finished]
@@ -470,6 +527,8 @@ def aggregate(history_in: str, finished: list[str], results_uri: str, out_dir: s
     results.append_rows(os.path.join(out_dir, results.EVAL_CSV), eval_rows, results.EVAL_COLUMNS)
     ok = [r for r in records if r["train"].get("status") == "ok"]
     results.write_report(os.path.join(out_dir, "report.html"), train_rows, eval_rows, _best_figures(ok))
+    if report_path:
+        storage.write_bytes(report_path, storage.read_bytes(os.path.join(out_dir, "report.html")))
     # Written first, checked after: the rows of a failed last round are kept too.
     _check_round(finished, int(records[-1]["train"].get("round", 0)) if records else 0)
     best = max(ok, key=lambda r: float(r["train"]["score"]))["train"] if ok else None

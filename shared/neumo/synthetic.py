@@ -23,7 +23,7 @@ import numpy as np
 
 from neumo import storage
 
-__all__ = ["CLASSES", "make_xray", "write_kaggle", "write_nih"]
+__all__ = ["CLASSES", "make_xray", "write_demo", "write_kaggle", "write_nih"]
 
 logger = logging.getLogger(__name__)
 
@@ -336,3 +336,14 @@ def write_nih(root_uri: str, n: int, size: int = 256, seed: int = 0) -> int:
                 logger.info("synthetic NIH set: %d/%d images written", written, n)
     logger.info("synthetic NIH set: %d images written to %s", written, root_uri)
     return written
+
+
+def write_demo(out_uri: str, per_class: int = 50, size: int = 256, seed: int = 0) -> dict:
+    """A small complete data set under out_uri: Kaggle layout with lung masks (`images/`, `masks/`;
+    `per_class` train images per class, 8 val, a quarter as many test) and `per_class` unlabelled
+    NIH-style images (`nih/`). Returns the counts and where they are."""
+    images = write_kaggle(storage.join(out_uri, "images"), {"train": (per_class, per_class), "val": (8, 8),
+                                                           "test": (per_class // 4, per_class // 4)},
+                          size=size, seed=seed, masks_uri=storage.join(out_uri, "masks"))
+    images += write_nih(storage.join(out_uri, "nih"), per_class, size=size, seed=seed + 1)
+    return {"images": images, "out": out_uri}

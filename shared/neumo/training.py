@@ -1,98 +1,22 @@
-"""Training: the pretraining autoencoder, the lung-mask U-Net and one classifier trial.
+"""Training: the pretraining autoencoder and one classifier trial.
 
-Every function is seeded, logs one line per epoch, keeps the best epoch (early stopping with
-best weights restored) and writes its curve as CSV beside the model.
+Both train with :func:`neumo.fitting.fit`: seeded, one log line per epoch, the best epoch kept
+(early stopping with best weights restored) and the curve written as CSV beside the model.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import keras
 import numpy as np
 
 from neumo import data as nd
-from neumo import evaluation, models, storage
-from neumo.tuning import ALLOWED_PIXELS, AUGMENTATIONS, LOSSES
-
-logger = logging.getLogger(__name__)
-
-
-def set_seed(seed: int) -> None:
-    keras.utils.set_random_seed(int(seed))
-
-
-class EpochLog(keras.callbacks.Callback):
-    """Logs one line per epoch, so long runs show progress."""
-
-    def __init__(self, label: str):
-        super().__init__()
-        self.label = label
-
-    def on_epoch_end(self, epoch, logs=None):
-        figures = " ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()))
-        logger.info("%s epoch %d: %s", self.label, epoch + 1, figures)
-
-
-class SyncToStorage(keras.callbacks.Callback):
-    """Copies a local folder (Keras' backup of the training state) to object storage after each
-    epoch, so a pod that is preempted and restarted resumes where it stopped."""
-
-    def __init__(self, local_dir: str, uri: str):
-        super().__init__()
-        self.local_dir, self.uri = local_dir, uri
-
-    def on_epoch_end(self, epoch, logs=None):
-        for root, _, files in os.walk(self.local_dir):
-            for name in files:
-                path = os.path.join(root, name)
-                storage.upload(path, storage.join(self.uri, os.path.relpath(path, self.local_dir).replace(os.sep, "/")))
-
-
-def _restore(uri: str, local_dir: str) -> int:
-    """Fetch a training-state backup from object storage; returns how many files came back."""
-    files = storage.list_files(uri)
-    for f in files:
-        storage.download(f, os.path.join(local_dir, *storage.relative(f, uri).split("/")))
-    return len(files)
-
-
-def _fit(model, train_ds, valid_ds, epochs: int, monitor: str, mode: str, patience: int, workdir: str, label: str,
-         checkpoint_uri: str = ""):
-    """fit with best-weights early stopping, a per-epoch CSV log and a best checkpoint; with a
-    checkpoint_uri the training state is backed up there every epoch and resumed from it."""
-    os.makedirs(workdir, exist_ok=True)
-    resume = []
-    if checkpoint_uri:
-        backup = os.path.join(workdir, "backup")
-        if _restore(checkpoint_uri, backup):
-            logger.info("%s: resuming from the training state at %s", label, checkpoint_uri)
-        resume = [keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False),
-                  SyncToStorage(backup, checkpoint_uri)]
-    callbacks = resume + [
-        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True),
-        keras.callbacks.ModelCheckpoint(os.path.join(workdir, "best.weights.h5"), monitor=monitor, mode=mode,
-                                        save_best_only=True, save_weights_only=True),
-        keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=bool(resume)),
-        keras.callbacks.TerminateOnNaN(),
-        EpochLog(label),
-    ]
-    start = time.monotonic()
-    hist = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=0,
-                     shuffle=False)  # the tf.data pipeline shuffles
-    if resume and not hist.history:  # restarted after the last epoch's backup: nothing left to train
-        train_m = model.evaluate(train_ds, verbose=0, return_dict=True)
-        valid_m = model.evaluate(valid_ds, verbose=0, return_dict=True)
-        hist.history = {**{k: [v] for k, v in train_m.items()}, **{f"val_{k}": [v] for k, v in valid_m.items()}}
-    losses = hist.history.get("loss", [])
-    if not losses or not np.all(np.isfinite(losses)):
-        raise FloatingPointError(f"{label}: the training loss became NaN or infinite (epoch {len(losses)}); "
-                                 "try a lower learning rate")
-    return hist.history, time.monotonic() - start
+from neumo import evaluation, models
+from neumo.fitting import fit, set_seed
+from neumo.trial import TrialConfig
 
 
 # --- pretraining -------------------------------------------------------------------------------
@@ -143,6 +67,30 @@ def corrupt_tf(x, seed: int):
     return tf.where(hide, noise, x)
 
 
+def pretraining_data(variant_dir: str, seed: int) -> tuple[dict, nd.Fold, nd.Fold, str]:
+    """What a backbone pretrains on: the variant's unlabelled images and the originals of its train
+    fold (labels unused; acquisition copies are for classifiers; valid, val and test judge the
+    classifiers), shuffled by `seed` with a tenth (at least one) held out for the validation loss.
+
+    Returns (the variant's variant.json, fit fold, held-out fold, "N unlabelled + M train")."""
+    from neumo.preprocess import COPY_MARK
+
+    info = nd.read_variant(variant_dir)
+    folds = [nd.load_fold(variant_dir, f) for f in ("unlabelled", "train")]
+    originals = np.array([COPY_MARK not in str(i) for i in folds[1].ids], bool)
+    folds[1] = nd.Fold(folds[1].images[originals], folds[1].targets[originals], folds[1].ids[originals])
+    images = nd.Fold(*(np.concatenate([getattr(f, k) for f in folds]) for k in ("images", "targets", "ids")))
+    source = f"{len(folds[0])} unlabelled + {len(folds[1])} train"
+    if len(images) < 2:
+        raise ValueError(f"pretraining needs at least 2 images; variant {variant_dir} has {len(images)}")
+    order = np.random.default_rng(seed).permutation(len(images))
+    images = nd.Fold(images.images[order], images.targets[order], images.ids[order])
+    n_valid = max(1, len(images) // 10)
+    fit_fold = nd.Fold(images.images[n_valid:], images.targets[n_valid:], images.ids[n_valid:])
+    held = nd.Fold(images.images[:n_valid], images.targets[:n_valid], images.ids[:n_valid])
+    return info, fit_fold, held, source
+
+
 def pretrain(fold: nd.Fold, valid: nd.Fold, pixels: int, config: PretrainConfig, out_dir: str):
     """Train the U-Net autoencoder on unlabelled images; save `autoencoder.keras` in out_dir.
 
@@ -163,59 +111,13 @@ def pretrain(fold: nd.Fold, valid: nd.Fold, pixels: int, config: PretrainConfig,
         return ds
 
     valid = valid if len(valid) else fold
-    curve, seconds = _fit(unet, pairs(fold, True), pairs(valid, False), config.epochs, "val_loss", "min",
+    curve, seconds = fit(unet, pairs(fold, True), pairs(valid, False), config.epochs, "val_loss", "min",
                           max(2, config.epochs // 3), out_dir, "pretrain")
     unet.save(os.path.join(out_dir, "autoencoder.keras"))
     return unet, curve, seconds
 
 
 # --- one classifier trial ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrialConfig:
-    """One trial: the tuned hyperparameters of the seed plus class weighting."""
-
-    pixels: int
-    mask: bool
-    model: int
-    frozen_layers: int
-    learning_rate: float
-    loss: str
-    augmentation: str
-    class_weight: bool
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrialConfig":
-        """Validated at the edge; ints that arrive as floats (KFP's local runner) are accepted."""
-        try:
-            cfg = cls(
-                pixels=_as_int(d["pixels"], "pixels"), mask=bool(d["mask"]), model=_as_int(d["model"], "model"),
-                frozen_layers=_as_int(d["frozen_layers"], "frozen_layers"),
-                learning_rate=float(d["learning_rate"]), loss=str(d["loss"]),
-                augmentation=str(d["augmentation"]), class_weight=bool(d["class_weight"]),
-            )
-        except KeyError as err:
-            raise ValueError(f"trial configuration lacks {err.args[0]!r}") from err
-        if cfg.model not in (1, 2):
-            raise ValueError(f"model must be 1 or 2, got {cfg.model}")
-        if cfg.pixels not in ALLOWED_PIXELS:
-            raise ValueError(f"pixels must be one of {ALLOWED_PIXELS}, got {cfg.pixels}")
-        if not cfg.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
-        if cfg.augmentation not in AUGMENTATIONS:
-            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {cfg.augmentation!r}")
-        if cfg.frozen_layers < 0:
-            raise ValueError(f"frozen_layers must be >= 0, got {cfg.frozen_layers}")
-        return cfg
-
-
-def _as_int(v, name: str) -> int:
-    if isinstance(v, bool) or float(v) != int(float(v)):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
-    return int(float(v))
-
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -306,7 +208,7 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
     train_ds = nd.stream_dataset(variant_uri, "train", settings.batch_size, cfg.augmentation, True, settings.seed,
                                  class_weights=nd.class_weights(targets) if weighted else None)
     valid_ds = nd.stream_dataset(variant_uri, "valid", settings.batch_size)
-    curve, seconds = _fit(clf, train_ds, valid_ds, settings.epochs, "val_auc", "max", settings.patience, out_dir, "trial",
+    curve, seconds = fit(clf, train_ds, valid_ds, settings.epochs, "val_auc", "max", settings.patience, out_dir, "trial",
                           checkpoint_uri)
     best = int(np.argmax(curve["val_auc"]))
     probs = predict(clf, valid, settings.batch_size)
