@@ -16,6 +16,9 @@ steps at once. Nothing here touches files: bytes in, arrays out.
 from __future__ import annotations
 
 import numbers
+import os
+import tempfile
+import threading
 
 import cv2
 import numpy as np
@@ -24,6 +27,7 @@ from scipy import ndimage
 __all__ = [
     "CLAHE_CLIPS",
     "ImageError",
+    "MAX_ASPECT",
     "MAX_PIXELS",
     "MIN_SIDE",
     "apply_mask",
@@ -56,10 +60,26 @@ MAX_LUNG_FRACTION = 0.7
 MAX_PIXELS = 50_000_000
 #: The smallest side ingest accepts (a smaller image carries no usable chest anatomy).
 MIN_SIDE = 32
+#: The most elongated image ingest accepts, long side : short side. The widest real film in our data
+#: is 2.96:1 (Kermany full resolution); a strip beyond 4:1 is no chest radiograph, and the seed's
+#: square resize would squash it by more than 4x, so it is rejected rather than flagged.
+MAX_ASPECT = 4.0
+#: The bit depths a 16-bit PNG's data is assumed to have when it declares none (sBIT): detectors
+#: digitise to 10, 12, 14 or 16 bits (8: 8-bit data stored in 16-bit samples).
+_SAMPLE_DEPTHS = (8, 10, 12, 14, 16)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not frames.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_PROCESS = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive", 0xC3: "lossless",
+                 0xC5: "differential", 0xC6: "differential progressive", 0xC7: "differential lossless",
+                 0xC9: "extended arithmetic", 0xCA: "progressive arithmetic", 0xCB: "lossless arithmetic",
+                 0xCD: "differential arithmetic", 0xCE: "differential progressive arithmetic",
+                 0xCF: "differential lossless arithmetic"}
+# What libjpeg prints (to stderr, as a warning) when the compressed data is damaged; OpenCV still
+# returns an image then, with the damaged part filled grey.
+_JPEG_DAMAGE = (b"Corrupt JPEG data", b"Premature end of JPEG file", b"Inconsistent progression sequence",
+                b"Invalid SOS parameters")
 # IMREAD_UNCHANGED keeps alpha and 16 bits but ignores the EXIF orientation that cv2.imread
 # (IMREAD_COLOR) applies; ANYCOLOR|ANYDEPTH applies it and keeps grey/colour and depth.
 _FLAGS_ORIENTED = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
@@ -103,8 +123,12 @@ def _decode_flags(buf: bytes | bytearray | memoryview) -> int:
     return _FLAGS_ORIENTED
 
 
-def _jpeg_size(buf: bytes) -> tuple[int, int]:
-    """(width, height) from the first start-of-frame segment of a JPEG."""
+def _jpeg_frame(buf: bytes) -> tuple[int, int, int, int]:
+    """(width, height, sample precision in bits, SOF marker) from the first frame header of a JPEG.
+
+    The walk jumps from segment to segment by their lengths, so metadata of any size (EXIF, ICC
+    profiles, many APPn segments) before the frame header costs a few steps, not a copy.
+    """
     i, n = 2, len(buf)
     while i < n:
         if buf[i] != 0xFF:
@@ -127,9 +151,19 @@ def _jpeg_size(buf: bytes) -> tuple[int, int]:
         if marker in _JPEG_SOF:
             if i + 7 > n:
                 break
-            return int.from_bytes(buf[i + 5:i + 7], "big"), int.from_bytes(buf[i + 3:i + 5], "big")
+            return (int.from_bytes(buf[i + 5:i + 7], "big"), int.from_bytes(buf[i + 3:i + 5], "big"),
+                    buf[i + 2], marker)
         i += length
     raise ImageError(f"undecodable image data ({n} bytes): truncated JPEG, no frame header")
+
+
+def _jpeg_size(buf: bytes) -> tuple[int, int]:
+    """(width, height) from the first start-of-frame segment of a JPEG."""
+    return _jpeg_frame(buf)[:2]
+
+
+def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -138,7 +172,7 @@ def image_size(data: bytes) -> tuple[int, int]:
     Raises :class:`ImageError` for other formats (only PNG and JPEG are accepted) and for
     headers too short or malformed to say.
     """
-    buf = bytes(data[:1 << 20])  # frame headers sit before the pixel data; EXIF/ICC may precede them
+    buf = _as_bytes(data)
     if buf.startswith(_PNG_SIGNATURE):
         if len(buf) < 24 or buf[12:16] != b"IHDR":
             raise ImageError(f"undecodable image data ({len(data)} bytes): truncated PNG, no IHDR header")
@@ -149,41 +183,146 @@ def image_size(data: bytes) -> tuple[int, int]:
                      "only PNG and JPEG are accepted")
 
 
-def _check_size(data: bytes, max_pixels: int, min_side: int) -> None:
-    """Refuse, from the header alone, images too large to decode safely or too small to use."""
-    width, height = image_size(data)
+def _check_size(data: bytes, max_pixels: int, min_side: int, max_aspect: float = 0.0) -> None:
+    """Refuse, from the header alone, images too large to decode safely, too small or too elongated
+    to use (``max_aspect`` 0: any shape), and JPEGs of a sample precision OpenCV cannot decode."""
+    buf = _as_bytes(data)
+    width, height, precision, marker = _jpeg_frame(buf) if buf.startswith(b"\xff\xd8") else (*image_size(buf), 8, 0)
     if width * height > max_pixels:
         raise ImageError(f"too large: the header declares {width}x{height} = {width * height / 1e6:.0f} megapixels, "
                          f"over the limit of {max_pixels / 1e6:g} (decompression-bomb guard); not decoded")
     if width < max(min_side, 1) or height < max(min_side, 1):
         raise ImageError(f"too small: {width}x{height} pixels (each side must be >= {max(min_side, 1)})")
+    if max_aspect and max(width, height) > max_aspect * min(width, height):
+        ratio = max(width, height) / min(width, height)
+        raise ImageError(f"extreme aspect ratio {ratio:.3g}:1 ({width}x{height} pixels): over {max_aspect:g}:1, "
+                         "not a chest radiograph, and the seed's square resize would squash it")
+    if precision != 8:  # libjpeg as OpenCV builds it decodes 8-bit samples only (12-bit: None, no reason)
+        raise ImageError(f"{precision}-bit JPEG ({_JPEG_PROCESS[marker]}, SOF{marker - 0xC0}) is not supported by "
+                         "OpenCV's decoder: convert it to an 8- or 16-bit PNG")
 
 
-def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = 0) -> np.ndarray:
+# libjpeg reports damaged compressed data only by printing a warning to stderr (fd 2), and OpenCV
+# returns the image regardless; the only way to see it is to catch what is printed while decoding.
+_capture_lock = threading.Lock()
+_capture_files: dict[int, object] = {}  # pid -> the file fd 2 is pointed at while decoding
+
+
+def _capture_fd() -> int:
+    """This process's capture file (a forked child makes its own)."""
+    pid = os.getpid()
+    if pid not in _capture_files:
+        if hasattr(os, "memfd_create"):
+            _capture_files[pid] = os.fdopen(os.memfd_create("neumo-decoder-messages"), "w+b")
+        else:
+            _capture_files[pid] = tempfile.TemporaryFile()
+    return _capture_files[pid].fileno()
+
+
+def _imdecode_jpeg(buf: np.ndarray, flags: int) -> tuple[np.ndarray | None, str]:
+    """cv2.imdecode of a JPEG, and libjpeg's first warning about damaged data ("" if none).
+
+    fd 2 points at a capture file during the call: one decode at a time per process, five system
+    calls (~5 us, against ~300 us to decode a 224x224 JPEG). Whatever else was printed meanwhile
+    (another thread's log line) is passed on to stderr.
+    """
+    with _capture_lock:
+        try:
+            fd = _capture_fd()
+            saved = os.dup(2)
+        except OSError:  # no stderr to redirect (a daemon): decode without the check
+            return cv2.imdecode(buf, flags), ""
+        os.dup2(fd, 2)
+        try:
+            image = cv2.imdecode(buf, flags)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        size = os.lseek(fd, 0, os.SEEK_CUR)  # what was written: fd 2 shared this offset
+        printed = b""
+        if size:  # emptied, and the offset back to 0, for the next decode
+            printed = os.pread(fd, size, 0)
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+    if not printed:
+        return image, ""
+    lines = printed.splitlines(keepends=True)
+    damage = [line for line in lines if line.startswith(_JPEG_DAMAGE)]
+    other = b"".join(line for line in lines if not line.startswith(_JPEG_DAMAGE))
+    if other:
+        os.write(2, other)
+    return image, damage[0].decode("ascii", "replace").strip() if damage else ""
+
+
+def _png_significant_bits(buf: bytes) -> int:
+    """The bit depth a PNG declares for its data in an sBIT chunk (before IDAT), 0 if none."""
+    i, n = 8, len(buf)
+    while i + 8 <= n:
+        length, kind = int.from_bytes(buf[i:i + 4], "big"), buf[i + 4:i + 8]
+        if kind in (b"IDAT", b"IEND"):
+            break
+        if kind == b"sBIT" and 1 <= length <= 4 and i + 8 + length <= n:
+            colour = buf[i + 8:i + 8 + length]
+            channels = colour[:3] if length >= 3 else colour[:1]  # grey or RGB; not alpha
+            bits = max(channels)
+            return bits if 1 <= bits <= 16 else 0
+        i += 12 + length
+    return 0
+
+
+def _to_8bit(image: np.ndarray, data: bytes) -> np.ndarray:
+    """uint16 samples -> uint8 by their real range: v * 255 / (2**d - 1), rounded to nearest.
+
+    d is the depth the PNG declares in sBIT if any, else the smallest of 8, 10, 12, 14 and 16
+    bits that holds the image's largest value: 16-bit data is v / 257 as before, 12-bit data
+    (max <= 4095) v * 255 / 4095 and keeps 256 grey levels instead of 16.
+    """
+    peak = int(image.max())
+    depth = _png_significant_bits(data) or next(d for d in _SAMPLE_DEPTHS if peak < 1 << d)
+    top = (1 << depth) - 1
+    scaled = (image.astype(np.uint32) * 510 + top) // (2 * top)  # round(v * 255 / top), half up
+    return np.minimum(scaled, 255).astype(np.uint8)
+
+
+def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = 0, max_aspect: float = 0.0,
+           check_damage: bool = True) -> np.ndarray:
     """Image bytes -> uint8 (H,W) grey, (H,W,3) BGR or (H,W,4) BGRA, pixels as cv2.imread sees them.
 
-    16-bit images become 8-bit as round(v / 257); palette PNGs are expanded to BGR(A).
+    16-bit images become 8-bit by their real range (see :func:`_to_8bit`: 16-bit data as
+    round(v / 257), 12-bit data as round(v * 255 / 4095)); palette PNGs are expanded to BGR(A).
     EXIF orientation is applied as ``cv2.imread`` does (for such files alpha is dropped,
     which does not change the grey image). Only PNG and JPEG are read, and their header is
     checked BEFORE any pixel is decoded: over ``max_pixels`` ("too large", a decompression
-    bomb) or a side under ``min_side`` ("too small") is refused. Raises :class:`ImageError`
-    for empty, truncated, undecodable, unsupported (float, signed, other formats) images.
+    bomb), a side under ``min_side`` ("too small"), a long side over ``max_aspect`` times the
+    short one (0: no limit) or a JPEG sample precision other than 8 bits is refused. Raises
+    :class:`ImageError` for empty, truncated, undecodable, unsupported (float, signed, other
+    formats) images, and for JPEGs whose compressed data libjpeg reports damaged (OpenCV
+    would return them with the damaged part grey). ``check_damage=False`` skips that watch
+    (~10 us) for bytes already known good: verified against the sha256 of what ingest accepted.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode expects bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise ImageError("empty image data (0 bytes)")
-    _check_size(data, max_pixels, min_side)
+    _check_size(data, max_pixels, min_side, max_aspect)
     buf = np.frombuffer(data, dtype=np.uint8)
+    damage = ""
     try:
-        image = cv2.imdecode(buf, _decode_flags(data))
+        if check_damage and bytes(data[:2]) == b"\xff\xd8":
+            image, damage = _imdecode_jpeg(buf, _FLAGS_ORIENTED)
+        else:
+            image = cv2.imdecode(buf, _decode_flags(data))
     except cv2.error as exc:  # OpenCV raises for some malformed inputs instead of returning None
         raise ImageError(f"OpenCV could not decode {len(data)} bytes: {exc}") from exc
     if image is None or image.size == 0:
+        said = f" (libjpeg: {damage})" if damage else ""
         raise ImageError(f"undecodable image data ({len(data)} bytes, starts with "
-                         f"{bytes(data[:8])!r}): not an image OpenCV can read, or truncated")
+                         f"{bytes(data[:8])!r}): not an image OpenCV can read, or truncated{said}")
+    if damage:
+        raise ImageError(f"corrupt JPEG data: libjpeg reports {damage!r}; OpenCV would fill the damaged "
+                         "part with grey, so the image is not used")
     if image.dtype == np.uint16:
-        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        image = _to_8bit(image, _as_bytes(data))
     elif image.dtype != np.uint8:
         raise ImageError(f"unsupported pixel type {image.dtype} (only 8- and 16-bit unsigned "
                          "images are supported)")

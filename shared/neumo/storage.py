@@ -16,8 +16,10 @@ import mimetypes
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
 import requests
@@ -32,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 8 * 1024 * 1024  # above this an upload is resumable, in chunks of this size
 _TMP_SUFFIX = ".neumo-tmp"
+#: Characters of the target's name kept in a temp file's name (for whoever finds a leftover one):
+#: short, so a temp name fits the file system's 255-byte limit whatever the target's name.
+_TMP_NAME_CHARS = 24
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
@@ -71,7 +76,14 @@ def _client_for_pid(pid: int) -> storage.Client:
         project = os.environ.get("GOOGLE_CLOUD_PROJECT", "neumo-local")
         logger.debug("GCS client for emulator %s (pid %d)", os.environ["STORAGE_EMULATOR_HOST"], pid)
         return storage.Client(project=project, credentials=AnonymousCredentials())
-    return storage.Client()
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return storage.Client()
+    except DefaultCredentialsError as err:
+        raise PermissionError("gs:// needs Google Cloud credentials and none were found: run `gcloud auth "
+                              "application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, or use Workload "
+                              "Identity on the cluster (STORAGE_EMULATOR_HOST for an emulator)") from err
 
 
 def reset_client() -> None:
@@ -96,7 +108,7 @@ def _parse(uri: str) -> tuple[str, str, str]:
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ValueError(f"file URIs must be absolute, like file:///path: {uri!r}")
-        return "local", "", unquote(parts.path)
+        return "local", "", unquote(parts.path, errors="surrogateescape")  # os.fsdecode's form
     if scheme == "gs":
         bucket, _, key = uri[len("gs://"):].partition("/")
         if not _BUCKET_RE.match(bucket):
@@ -131,7 +143,8 @@ def _atomic_local(path: str, write: Callable[[str], object]) -> None:
     """Run ``write(tmp)`` on a temp file beside ``path``, then move it into place."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+    # hidden, and at most 1 + 4 * 24 + 1 + 16 + 10 bytes: a target named up to the 255-byte limit still works
+    tmp = os.path.join(parent, f".{os.path.basename(path)[:_TMP_NAME_CHARS]}.{uuid.uuid4().hex[:16]}{_TMP_SUFFIX}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -206,12 +219,176 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+# --- listing ---------------------------------------------------------------------------------
+
+#: Files that operating systems and file managers leave in folders: never data.
+_SYSTEM_FILES = {
+    ".ds_store": "macOS metadata file (.DS_Store, Finder's folder settings)",
+    "thumbs.db": "Windows metadata file (Thumbs.db, Explorer's thumbnail cache)",
+    "ehthumbs.db": "Windows metadata file (ehthumbs.db, Media Center's thumbnail cache)",
+    "desktop.ini": "Windows metadata file (desktop.ini, Explorer's folder settings)",
+}
+_MACOS_ZIP_FOLDER = "__macosx"
+#: Why an object name is refused (it could escape a folder it is later joined to).
+UNSAFE_NAME = "unsafe name: '..', '.', an empty segment or an absolute path"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry found under a listed folder, reported as exactly one row by whoever lists it.
+
+    ``status`` "" is a regular file to read; "skipped" is a hidden, system or temp file (never
+    data); "rejected" is an entry that must not or cannot be read: a link out of the folder, a
+    link loop or dangling link, something that is not a regular file, an unreadable file or
+    folder, an unsafe object name. ``rel`` is the '/'-separated path under the folder ("" for an
+    unsafe name); local names that are not valid UTF-8 are in ``os.fsdecode``'s form (the
+    undecodable bytes as lone surrogates), so ``os.fsencode`` gives back the exact bytes.
+    """
+
+    uri: str
+    rel: str
+    status: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Walk:
+    """What :func:`walk` found: every entry (sorted by uri) and every folder walked (their rels)."""
+
+    entries: list[Entry]
+    folders: list[str]
+
+
+def skip_reason(rel: str) -> str:
+    """Why the entry at the '/'-separated ``rel`` is not data (hidden, system or temp file), or ""."""
+    *folders, name = rel.split("/")
+    for folder in folders:
+        if folder.lower() == _MACOS_ZIP_FOLDER:
+            return "macOS metadata folder (__MACOSX, left by unzipping an archive made on a Mac)"
+        if folder.startswith("."):
+            return f"in a hidden folder ({folder!r} starts with '.')"
+    if name.endswith(_TMP_SUFFIX):
+        return f"temp file of an unfinished write (name ends with {_TMP_SUFFIX!r})"
+    if name.startswith("._"):
+        return "macOS metadata file (AppleDouble '._' companion of another file, not an image)"
+    system = _SYSTEM_FILES.get(name.lower())
+    if system:
+        return system
+    if name.startswith("."):
+        return "hidden file (name starts with '.')"
+    return ""
+
+
+def walk(uri: str) -> Walk:
+    """Every entry under the folder ``uri``, recursively, each classified (:class:`Entry`).
+
+    The same rules on a folder and on gs://: hidden names (a segment starting with '.'), macOS and
+    Windows metadata files and our temp files are "skipped" with the reason. Locally, a link to a
+    file or folder inside ``uri`` is followed (a folder link once per link: the files under it are
+    listed under the link's name, and a link to a folder that encloses it is a rejected loop); a
+    link that leaves ``uri``, a dangling link, a FIFO or device, and a file or folder that cannot
+    be read are "rejected" with the reason, so one bad entry is one row, never the end of the
+    listing. On gs the objects are those :func:`list_files` lists; a name that could escape a
+    folder is rejected (:data:`UNSAFE_NAME`). A missing folder lists as no entries; a root that
+    exists but cannot be listed raises its OSError, a missing bucket FileNotFoundError.
+    """
+    kind, _, key = _parse(uri)
+    if kind == "local":
+        found, folders = _walk_local(uri, key)
+        return Walk([e for e, _, _ in found], folders)
+    entries, folders = [], set()
+    for u in list_files(uri):
+        try:
+            rel = relative(u, uri)
+        except ValueError:
+            entries.append(Entry(u, "", "rejected", UNSAFE_NAME))
+            continue
+        skip = skip_reason(rel)
+        entries.append(Entry(u, rel, "skipped" if skip else "", skip))
+        parts = rel.split("/")
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    return Walk(entries, sorted(folders))
+
+
+def _walk_local(uri: str, root: str) -> tuple[list[tuple[Entry, int, int]], list[str]]:
+    """(entry, size, mtime in ns) for every entry under the local folder ``root`` (see walk), and
+    the folders walked. os.scandir, not os.walk: os.walk drops what it cannot list and follows
+    either every folder link or none."""
+    as_uri = _scheme(os.fspath(uri)) == "file"
+    prefix = uri if uri.endswith("/") else uri + "/"
+    real_root = os.path.realpath(root)
+    inside_prefix = real_root if real_root.endswith(os.sep) else real_root + os.sep
+    found: list[tuple[Entry, int, int]] = []
+    folders: list[str] = []
+
+    def add(rel: str, status: str = "", reason: str = "", st: os.stat_result | None = None) -> None:
+        skip = skip_reason(rel)
+        if skip:  # hidden or system: never read, whatever it is
+            status, reason = "skipped", skip
+        name = quote(os.fsencode(rel)) if as_uri else rel
+        found.append((Entry(prefix + name, rel, status, reason), st.st_size if st else 0, (st.st_mtime_ns | st.st_ctime_ns << 64 | st.st_ino << 128) if st else 0))
+
+    def regular(rel: str, st: os.stat_result) -> None:
+        if stat.S_ISREG(st.st_mode):
+            add(rel, st=st)
+        else:  # a FIFO or device would block or stream for ever
+            add(rel, "rejected", "not a regular file (a FIFO, socket or device is never opened)")
+
+    # (path, rel, real paths of the folders from the root down to this one): the chain finds loops
+    stack = [(root, "", (real_root,))]
+    while stack:
+        path, rel_dir, chain = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                items = list(it)
+        except OSError as err:
+            if rel_dir:
+                add(rel_dir, "rejected", f"unreadable folder, its files cannot be listed: {err.strerror or err}")
+                continue
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                return [], []  # a missing folder lists as nothing
+            raise
+        if rel_dir:
+            folders.append(rel_dir)
+        for item in items:
+            rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+            try:
+                if item.is_symlink():
+                    target = os.path.realpath(item.path)
+                    if target != real_root and not target.startswith(inside_prefix):
+                        add(rel, "rejected", f"link outside the dataset (points to {target})")
+                        continue
+                    try:
+                        st = os.stat(item.path)
+                    except OSError as err:
+                        add(rel, "rejected", "symlink loop (the link resolves to itself)" if err.errno == errno.ELOOP
+                            else f"dangling link (points to {target}, which does not exist)"
+                            if err.errno == errno.ENOENT else f"unreadable link: {err.strerror or err}")
+                        continue
+                    if not stat.S_ISDIR(st.st_mode):
+                        regular(rel, st)
+                    elif target in chain:
+                        add(rel, "rejected", f"symlink loop (points to {target}, a folder that encloses it)")
+                    else:
+                        stack.append((item.path, rel, (*chain, target)))
+                elif item.is_dir(follow_symlinks=False):
+                    stack.append((item.path, rel, (*chain, os.path.join(chain[-1], item.name))))
+                else:
+                    regular(rel, item.stat(follow_symlinks=False))
+            except OSError as err:  # a file in a folder that can be listed but not entered, say
+                add(rel, "rejected", f"unreadable: {err.strerror or err}")
+    found.sort(key=lambda t: t[0].uri)
+    return found, sorted(folders)
+
+
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """Sorted full URIs of all files under the folder ``uri``, recursively.
 
-    ``suffixes`` filters by name ending, case-insensitively. Locally, hidden entries and
-    our temp files are skipped and a missing folder lists as []; on gs the listing is of
-    the prefix ``key/`` and a missing bucket raises FileNotFoundError.
+    ``suffixes`` filters by name ending, case-insensitively. Locally, only the regular files
+    :func:`walk` would read are listed (not hidden, system or temp files, nor rejected entries,
+    which are logged), and a missing folder lists as []; on gs every object under the prefix
+    ``key/`` is listed (hidden ones too: :func:`walk` classifies them) and a missing bucket
+    raises FileNotFoundError.
     """
     return [u for u, _, _ in list_versions(uri, suffixes)]
 
@@ -223,21 +400,13 @@ def list_versions(uri: str, suffixes: tuple[str, ...] | None = None) -> list[tup
     ends = tuple(s.lower() for s in suffixes) if suffixes else None
     out: list[tuple[str, int, int]] = []
     if kind == "local":
-        as_uri = _scheme(os.fspath(uri)) == "file"
-        for root, dirs, files in os.walk(key):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for name in files:
-                if name.startswith(".") or name.endswith(_TMP_SUFFIX):
-                    continue
-                if ends is None or name.lower().endswith(ends):
-                    path = os.path.join(root, name)
-                    rel = os.path.relpath(path, key).replace(os.sep, "/")
-                    try:
-                        st = os.stat(path)
-                    except OSError:  # a dangling link still lists (ingest reports it)
-                        st = os.lstat(path)
-                    out.append((join(uri, quote(rel) if as_uri else rel), st.st_size, st.st_mtime_ns))
-        return sorted(out)
+        found, _ = _walk_local(uri, key)
+        rejected = [e for e, _, _ in found if e.status == "rejected"]
+        if rejected:
+            logger.warning("listing %s: %d entries not listed, such as %r (%s); storage.walk says why for each",
+                           uri, len(rejected), rejected[0].rel, rejected[0].reason)
+        return [(e.uri, size, version) for e, size, version in found
+                if not e.status and (ends is None or e.rel.lower().endswith(ends))]
     prefix = key if not key or key.endswith("/") else key + "/"
     with _gcs_errors(uri):
         for blob in _client().list_blobs(bucket, prefix=prefix, retry=RETRY):
