@@ -137,3 +137,86 @@ def test_report_with_many_rows_from_csvs(tmp_path):
     assert f"{best['score']:.4g}" in text
     assert "bad shape" in text
     assert text.count("<td>test</td>") == results.LEADERBOARD_SIZE  # one test evaluation per leader
+
+
+def _run_rows(run_id: str, trials: range, scores) -> tuple[list[dict], list[dict]]:
+    train = [_train_row(t, score=s, run_id=run_id, model_uri=f"/models/{run_id}/t{t}.keras") for t, s in zip(trials, scores)]
+    evals = [{**e, "run_id": run_id, "model_uri": f"/models/{run_id}/t{t}.keras"} for t in trials for e in _eval_rows(t)]
+    return train, evals
+
+
+def test_the_report_of_a_second_run_covers_the_whole_history(tmp_path):
+    """Two runs appended to the CSVs: the report covers both, marks the second, names the score
+    and says where the best model (from the first run) is."""
+    train_uri, eval_uri = str(tmp_path / results.TRAIN_CSV), str(tmp_path / results.EVAL_CSV)
+    first = _run_rows("run-1", range(4), [0.7, 0.95, 0.8, 0.75])
+    second = _run_rows("run-2", range(3), [0.85, None, 0.9])
+    second[0][1].update(status="failed", error="ValueError: second run failure")
+    for train, evals in (first, second):
+        append_rows(train_uri, train, TRAIN_COLUMNS)
+        append_rows(eval_uri, [e for e in evals if e["trial"] != 1 or e["run_id"] == "run-1"], EVAL_COLUMNS)
+    uri = str(tmp_path / "report.html")
+    write_report(uri, results.read_table(train_uri), results.read_table(eval_uri), current_run="run-2",
+                 history_uri=str(tmp_path))
+    text = (tmp_path / "report.html").read_text()
+    assert "7 trial(s) in 2 run(s), 6 finished" in text
+    assert "AUC on the valid fold" in text and "20%" in text
+    assert "/models/run-1/t1.keras" in text and "(an earlier run)" in text  # the best model: where it is
+    assert "rank 2 of 6" in text  # this run's best (0.9) is second to the first run's 0.95
+    assert text.count('<tr class="current">') == 2 + 2 * 2 + 1 + 1  # leaderboard, its evaluations, runs, failed
+    assert "run-1" in text and "second run failure" in text
+    assert text.count("<img") == 2
+    assert "What the splits mean" in text and "Absent in this run" in text and "<code>valid</code>" in text
+
+
+def test_the_report_from_rows_without_a_history_marks_nothing(tmp_path):
+    text = _report(tmp_path, [_train_row(0, score=0.9)], _eval_rows(0))
+    assert 'class="current"' not in text and "this run" not in text.lower()
+
+
+def test_a_split_absent_from_the_data_is_listed_never_duplicated(tmp_path):
+    """Old rows pooling an empty test split (test+val = val again) are left out; the report says
+    there is no test split."""
+    evals = [e for e in _eval_rows(0) if e["split"] == "val"]
+    evals += [{**evals[0], "split": "test+val"}, {**evals[0], "split": "valid", "n": 1000}]
+    text = _report(tmp_path, [_train_row(0, score=0.9)], evals)
+    assert "<td>test+val</td>" not in text and text.count("<td>val</td>") == 1
+    assert "no test split in this dataset" in text
+    assert "1 earlier pooled evaluation row(s)" in text
+
+
+@pytest.mark.parametrize("counts,expected", [
+    ({"test": 624, "val": 16, "valid": 1046}, ["test", "val", "test+val", "valid"]),
+    ({"test": 0, "val": 16, "valid": 1046}, ["val", "valid"]),  # no test split: no test+val (it would repeat val)
+    ({"test": 6, "valid": 5}, ["test", "valid"]),  # no val folder at all
+    ({}, []),
+])
+def test_splits_present_pools_only_whole_parts(counts, expected):
+    from neumo import stages
+
+    assert stages.splits_present(counts) == expected
+
+
+def test_the_report_defines_every_evaluated_split():
+    from neumo import stages
+
+    assert list(results.SPLIT_MEANING) == list(stages.EVAL_SPLITS)
+
+
+def test_aggregate_reports_the_whole_history(tmp_path):
+    """A second scheduled run's report (stages.aggregate) includes the first run's trials."""
+    import json
+
+    from neumo import stages
+
+    for run, scores in (("run-1", [0.95, 0.7]), ("run-2", [0.8, 0.85])):
+        train, evals = _run_rows(run, range(2), scores)
+        finished = [json.dumps({"train": t, "eval": [e for e in evals if e["trial"] == t["trial"]],
+                                "figures_uri": ""}) for t in train]
+        summary = stages.aggregate(history_in="", finished=finished, results_uri=str(tmp_path / "res"),
+                                   out_dir=str(tmp_path / run))
+    assert summary["trials"] == 2 and summary["best_score"] == 0.85  # this run's summary
+    text = (tmp_path / "run-2" / "report.html").read_text()
+    assert "4 trial(s) in 2 run(s)" in text and "/models/run-1/t0.keras" in text and "(an earlier run)" in text
+    assert text.count('<tr class="current">') >= 2
+    assert len(results.read_rows(str(tmp_path / "run-2" / results.TRAIN_CSV))) == 2  # the copies: this run's rows
