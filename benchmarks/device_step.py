@@ -5,7 +5,7 @@
 
 Self-contained: imports keras, numpy and neumo.models (pure Keras) from shared/ beside this file.
 Prints images/s per (model, pixels, precision) and, for the U-Net, the ratio to NVIDIA's TF2 U-Net
-reference (ANCHORS.md: 572x572, one A100, batch 8: 46 images/s TF32, 119 mixed). Our U-Net needs
+reference (../shared/docs/ANCHORS.md: 572x572, one A100, batch 8: 46 images/s TF32, 119 mixed). Our U-Net needs
 a multiple of 16 px, so 576 stands in for 572 (1.3% more pixels); the reference is an A100, so a
 ratio on an H100/H200 above 1 is expected from the hardware alone. Steps run under jax.jit
 (Keras' default on JAX); each figure follows warm-up steps that compile.
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from neumo import models  # noqa: E402  (pure Keras: no TensorFlow import)
 
-#: NVIDIA DeepLearningExamples TF2 U-Net, 572x572, batch 8, one A100 (ANCHORS.md).
+#: NVIDIA DeepLearningExamples TF2 U-Net, 572x572, batch 8, one A100 (../shared/docs/ANCHORS.md).
 REFERENCE = {"float32": 46.0, "mixed_float16": 119.0}
 
 

@@ -11,12 +11,18 @@ parameter defaults, so what you compile is what runs. Needs only `kfp` and `kfp-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +35,8 @@ from neumo import parameters  # noqa: E402
 from pipelines.placement import Images, Placement  # noqa: E402
 
 logger = logging.getLogger("neumo.pipeline")
+#: The project's log format (components and the `neumo` command log in it too).
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 #: What `make push` records: the images it pushed for this commit (images/README.md).
 PUSHED = ROOT / "images" / "pushed.json"
@@ -54,12 +62,26 @@ def resolve_images(registry: str | None, tag: str | None) -> Images:
     return Images(**{f: pushed.get(f, f"{registry}/neumo-{f}:{tag}") for f in ("cpu", "gpu")})
 
 
+def parameter_list() -> str:
+    """Every parameter with its default and meaning, for --help (from the declaration)."""
+    lines = ["parameters (--set NAME=VALUE; declared in shared/neumo/parameters.py):"]
+    for p in parameters.PARAMETERS:
+        default = "required" if p.required else json.dumps(p.default)
+        lines.append(f"  {p.name} = {default}{'  [compile time]' if p.graph else ''}\n      {p.help}")
+    lines.append(f"presets (--preset NAME): {', '.join(parameters.PRESETS)}; `neumo preset NAME` prints one")
+    return "\n".join(lines)
+
+
 def build_parser(doc: str, single: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, epilog=parameter_list(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     if single:
         p.add_argument("--config", metavar="FILE", help="the trial configuration (JSON; configs/ has examples)")
     p.add_argument("--compile", nargs="?", const="", metavar="PATH", help="write the pipeline YAML (default: NAME.yaml)")
     p.add_argument("--local", action="store_true", help="run the pipeline here with kfp.local")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="local runs: show everything (kfp.local, TensorFlow, each task's output) on the terminal "
+                   "instead of the project's lines and a log file (WORKDIR/logs/)")
     p.add_argument("--preset", choices=sorted(parameters.PRESETS), default="default",
                    help="a named set of parameter values (neumo.parameters.PRESETS)")
     p.add_argument("--workdir", default=str(ROOT / "work" / "local"), help="local runs: artifacts, results")
@@ -138,7 +160,10 @@ def main(factory, *, name: str, doc: str, argv=None, single: bool = False) -> in
     """The command line over a pipeline factory (`create_pipeline` of pipelines/full.py).
     `single`: one configuration (--config FILE), no tuning: a graph of one round of one trial."""
     args = build_parser(doc, single).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # From the command line, a local run shows the project's lines and logs the rest to a file (run_logged);
+    # a caller passing argv, -v, and the child run_logged starts get everything here (run_local).
+    logged = args.local and not args.verbose and argv is None
+    configure_logging(compact=logged)
     remote = args.submit or args.schedule
     if args.compile is None and not args.local and not remote:
         raise SystemExit("nothing to do: give --compile [PATH], --local, --submit or --schedule CRON")
@@ -173,6 +198,8 @@ def main(factory, *, name: str, doc: str, argv=None, single: bool = False) -> in
         if not values["dataset_uri"]:
             raise SystemExit("dataset_uri is required: --set dataset_uri=PATH_OR_GS_URI (or --params FILE, e.g. "
                              "the one `neumo demo-data` writes)")
+        if logged:
+            return run_logged([sys.executable, *sys.orig_argv[1:], "--verbose"], workdir)
         run_local(pipeline, values, workdir)
     return 0
 
@@ -225,16 +252,330 @@ def submit(package: str, args, params: dict) -> None:
 
 
 def run_local(pipeline, values: dict, workdir: Path) -> None:
-    """Run the pipeline here through kfp.local (one subprocess per task, this Python)."""
+    """Run the pipeline here through kfp.local (one subprocess per task, this Python), logging
+    "task k of n" as tasks start and finish, and stopping at the first failed task."""
     import warnings
 
     from kfp import local
 
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+    # TensorFlow's C++ INFO and WARNING lines (CPU features, oneDNN) in every task; TF_CPP_MIN_LOG_LEVEL=0 keeps them
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     workdir.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline_root"),
                raise_on_error=True)
-    pipeline(**values)
-    results = values["results_uri"]
-    logger.info("done. CSVs: %s/train_max_unsupervised.csv and %s/image_class_evaluation_unsupervised.csv; "
-                "models, report and every artifact under %s", results, results, workdir / "pipeline_root")
+    tasks = LocalTasks(pipeline.pipeline_spec)
+    with own_handler(logger):
+        try:
+            with tasks.watching():
+                pipeline(**values)
+        except (TaskFailed, RuntimeError):  # RuntimeError: kfp.local's "finished with status FAILURE"
+            if tasks.failed is None:
+                raise
+            raise SystemExit(f"FAILED: task {tasks.failed}; its error is in the output above") from None
+        results = values["results_uri"]
+        logger.info("done. CSVs: %s/train_max_unsupervised.csv and %s/image_class_evaluation_unsupervised.csv; "
+                    "models, report and every artifact under %s", results, results, workdir / "pipeline_root")
+
+
+@contextlib.contextmanager
+def own_handler(log: logging.Logger):
+    """`log` writes through a handler of its own, in the project's format, while in the block.
+    kfp.local swaps the root logger's handlers for its own around each task, and when two tasks
+    run at once (a loop's parallelism) can leave its own there: the runner's lines keep their format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    propagate, log.propagate = log.propagate, False
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+# --- local runs a person can follow ---------------------------------------------------------------
+#
+# `run_local` (in the process that runs kfp.local) counts the tasks and logs a line as each starts
+# and finishes; `run_logged` runs that in a child process, writes everything it prints to a log
+# file, and shows a person the lines `RunView` picks: these task lines and the project's own.
+
+TASK_STARTED = "task %d of %s: %s started"
+TASK_FINISHED = "task %d of %s: %s finished in %s (%s since the start)"
+TASK_FAILED = "task %d of %s: %s FAILED after %s"
+#: What RunView reads back from those three lines.
+TASK_LINE = re.compile(r"^task (?P<k>\d+) of (?P<n>\d+\+?): (?P<task>.+?) (?P<event>started|finished|FAILED)(?: |$)")
+
+
+class TaskFailed(Exception):
+    """Raised into kfp.local's orchestrator to end the run: a task failed, nothing else starts."""
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+class LocalTasks:
+    """The tasks of one kfp.local run: counts them ("task k of n"), times them, and stops the run at
+    the first failure.
+
+    n counts the tasks that will run: those of each ParallelFor once the task whose output it loops
+    over has finished (until then n is shown with a '+'). kfp.local (2.17) skips only the tasks
+    downstream of a failed task and still starts every other one (suggest after a failed ingest),
+    even with raise_on_error=True: that is raised only when the whole DAG is done. So a failed task
+    raises TaskFailed from kfp.local's single-task executor, which ends the DAG loop, and any task
+    asked to start afterwards (a loop's queued iterations) raises it without starting."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.sizes: dict[tuple[str, str], int] = {}  # (producer task, output key) -> items of the list
+        self.started = 0
+        self.failed: str | None = None  # "ingest (2 of 8+)"
+        self.lock = threading.Lock()
+        self.start = time.monotonic()
+
+    def count(self, dag=None) -> tuple[int, list[str]]:
+        """(tasks known to run, the tasks whose outputs size the loops not yet counted)."""
+        dag = dag if dag is not None else self.spec.root.dag
+        known, pending = 0, []
+        for task in dag.tasks.values():
+            component = self.spec.components[task.component_ref.name]
+            if component.WhichOneof("implementation") != "dag":
+                known += 1
+                continue
+            inner, inner_pending = self.count(component.dag)
+            items, producer = self.loop_size(task)
+            if items is None:
+                pending.append(producer)
+            else:
+                known += items * inner
+                pending += inner_pending if items else []
+        return known, pending
+
+    def loop_size(self, task) -> tuple[int | None, str]:
+        """(how many times the task's body runs, or None: not known yet; what it waits for)."""
+        if task.WhichOneof("iterator") is None:
+            return 1, ""
+        if task.WhichOneof("iterator") == "parameter_iterator":
+            items = task.parameter_iterator.items
+            if items.HasField("raw"):
+                return len(json.loads(items.raw)), ""
+            source = task.inputs.parameters[items.input_parameter]
+            if source.HasField("task_output_parameter"):
+                out = source.task_output_parameter
+                return self.sizes.get((out.producer_task, out.output_parameter_key)), out.producer_task
+        return None, task.task_info.name
+
+    def total(self) -> str:
+        known, pending = self.count()
+        return f"{known}+" if pending else str(known)
+
+    def learn(self, task_name: str, resource: str, outputs: dict) -> None:
+        """A root task's list outputs size the loops over them."""
+        if "/" not in resource:
+            for key, value in (outputs or {}).items():
+                if isinstance(value, list):
+                    self.sizes[(task_name, key)] = len(value)
+
+    def run(self, execute, *args, **kwargs):
+        """Stands in for kfp.local's execute_single_task (same arguments, same result)."""
+        from kfp.local import status
+
+        name, spec = kwargs["task_name"], kwargs["task_spec"]
+        resource = kwargs["pipeline_resource_name"]
+        # a loop iteration runs under ".../for-loop-2-iteration-1": "train[1]"
+        label = (spec.task_info.name or name) + "".join(f"[{i}]" for i in re.findall(r"-iteration-(\d+)", resource))
+        with self.lock:
+            if self.failed is not None:
+                raise TaskFailed(f"{label} not started: task {self.failed} failed")
+            self.started += 1
+            k = self.started
+        logger.info(TASK_STARTED, k, self.total(), label)
+        began = time.monotonic()
+        outputs, task_status = execute(*args, **kwargs)
+        took = time.monotonic() - began
+        if task_status != status.Status.SUCCESS:
+            with self.lock:
+                n = self.total()
+                self.failed = self.failed or f"{label} ({k} of {n})"
+            logger.error(TASK_FAILED, k, n, label, duration(took))
+            raise TaskFailed(f"task {label} failed")
+        with self.lock:
+            self.learn(name, resource, outputs)
+        logger.info(TASK_FINISHED, k, self.total(), label, duration(took), duration(time.monotonic() - self.start))
+        return outputs, task_status
+
+    @contextlib.contextmanager
+    def watching(self):
+        """kfp.local runs each task through this object's `run` while in the block."""
+        from kfp.local.orchestrator import task_executor
+
+        original = task_executor.execute_single_task
+
+        def execute(*args, **kwargs):
+            return self.run(original, *args, **kwargs)
+
+        known, pending = self.count()
+        name = self.spec.pipeline_info.name
+        if pending:
+            logger.info("running %s here: %d tasks, and those of the loops over the outputs of %s once they "
+                        "finish (n has a '+' until then)", name, known, ", ".join(sorted(set(pending))))
+        else:
+            logger.info("running %s here: %d tasks", name, known)
+        task_executor.execute_single_task = execute
+        try:
+            yield self
+        finally:
+            task_executor.execute_single_task = original
+
+
+#: Lines of the project's format ("%(asctime)s %(name)s %(levelname)s %(message)s") from a neumo logger.
+PROJECT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<name>neumo[\w.]*) "
+                          r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) (?P<message>.*)$")
+#: Lines a component logs inside KFP's executor, whose format (no logger name) wins over the
+#: component's basicConfig (it runs first); KFP's own lines there start with EXECUTOR_OWN.
+EXECUTOR_LINE = re.compile(r"^\[KFP Executor \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+                           r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL)\]: (?P<message>.*)$")
+EXECUTOR_OWN = ("Looking for component", "--component_module_path is not specified", "Loading KFP component",
+                "Got executor_input", "Wrote executor output file", "Did not write output file")
+#: The last line of a Python traceback: "ValueError: no files under ...".
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)(?::.*)?$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class RunView:
+    """Reads the full output of a local run line by line and picks what a person follows: the task
+    lines and the project's own (the neumo loggers, and what components log inside KFP's executor
+    other than KFP's own lines). Remembers the failed task and the reason to give for it."""
+
+    def __init__(self):
+        self.failed: str | None = None  # "ingest (2 of 8+)"
+        self.running: dict[str, str] = {}  # task -> "k of n"
+        self.exception = ""  # the last exception line since a task started
+        self.error = ""  # the last project ERROR message
+        self.last = ""  # the last non-blank line
+
+    def feed(self, raw: str) -> tuple[int, str] | None:
+        """(level, text) to show for one line of output, or None."""
+        line = ANSI.sub("", raw).strip()
+        if not line:
+            return None
+        self.last = line
+        if EXCEPTION_LINE.match(line):
+            self.exception = line
+        m = PROJECT_LINE.match(line) or EXECUTOR_LINE.match(line)
+        if m is None or (m.re is EXECUTOR_LINE and m["message"].startswith(EXECUTOR_OWN)):
+            return None
+        level, message = logging.getLevelName(m["level"]), m["message"]
+        task = TASK_LINE.match(message) if m.re is PROJECT_LINE else None
+        if task:
+            label = task["task"]
+            if task["event"] == "started":
+                self.running[label] = f"{task['k']} of {task['n']}"
+                self.exception = self.error = ""
+            else:
+                self.running.pop(label, None)
+            if task["event"] == "FAILED" and self.failed is None:
+                self.failed = f"{label} ({task['k']} of {task['n']})"
+            return level, message
+        if level >= logging.ERROR:
+            self.error = message
+        prefix = "" if level == logging.INFO else logging.getLevelName(level) + " "
+        # the runner's own lines flush left, the stages' under the task lines
+        indent = "" if m.re is PROJECT_LINE and m["name"] == logger.name else "  "
+        return level, indent + prefix + message
+
+    def reason(self) -> str:
+        text = self.exception or self.error or "exited with an error (see the full log)"
+        return text if len(text) <= 400 else text[:400] + "..."
+
+
+def log_path(workdir: Path) -> Path:
+    """WORKDIR/logs/run-YYYYmmdd-HHMMSS.log, a new file each run."""
+    folder = workdir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "run-" + time.strftime("%Y%m%d-%H%M%S")
+    path, n = folder / f"{stem}.log", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.log"
+    return path
+
+
+def stop(child: subprocess.Popen, first: int, grace: float = 10.0) -> None:
+    """Signal the child's process group (it and its tasks), then kill it if still there after `grace` s."""
+    for sig, wait in ((first, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(child.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            child.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_logged(command: list[str], workdir: Path, *, grace: float = 5.0) -> int:
+    """Run `command` (this local run again, with --verbose) in a child process: everything it and
+    its tasks print goes to a log file named first and last; the terminal gets RunView's lines. A
+    failure ends with the failed task and its reason, then the log's path. Returns the exit status.
+
+    The child has its own process group: once a task has failed, tasks still running (a loop's other
+    iterations) are stopped after `grace` seconds; Ctrl-C stops them all."""
+    path = log_path(workdir)
+    logger.info("full log: %s", path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines reach the log and the view as they are written
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    view = RunView()
+    began, interrupted, stopping = time.monotonic(), False, None
+    with open(path, "w", encoding="utf-8", buffering=1) as log:
+        log.write(f"# {shlex.join(command)}\n")
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, encoding="utf-8", errors="replace", env=env, start_new_session=True)
+        while True:
+            try:
+                for raw in child.stdout:
+                    log.write(ANSI.sub("", raw))
+                    shown = view.feed(raw)
+                    if shown:
+                        logger.log(*shown)
+                    if view.failed and stopping is None:
+                        stopping = threading.Timer(grace, lambda: child.poll() is None and stop(child, signal.SIGTERM))
+                        stopping.daemon = True
+                        stopping.start()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reaches this process only: pass it on, keep reading
+                first = signal.SIGKILL if interrupted else signal.SIGINT
+                interrupted = True
+                threading.Thread(target=stop, args=(child, first), daemon=True).start()
+        code = child.wait()
+        if stopping is not None:
+            stopping.cancel()
+        if code == 0:
+            summary = [(logging.INFO, f"finished in {duration(time.monotonic() - began)}; full log: {path}")]
+        else:
+            if view.failed:
+                ending = f"FAILED: task {view.failed}: {view.reason()}"
+            elif interrupted:
+                ending = "interrupted" + (f" while running {', '.join(view.running)}" if view.running else "")
+            else:
+                ending = f"FAILED: {view.exception or view.error or view.last or f'exit status {code}'}"
+            summary = [(logging.ERROR, f"stopped the tasks still running: {', '.join(view.running)}")] \
+                if view.failed and view.running else []
+            summary += [(logging.ERROR, ending), (logging.INFO, f"full log: {path}")]
+        for level, text in summary:
+            log.write(text + "\n")
+            logger.log(level, text)
+    return 0 if code == 0 else 130 if interrupted else 1
+
+
+def configure_logging(compact: bool = False) -> None:
+    """The project's log format; `compact` (what a person watches a local run with): time and message."""
+    if compact:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    else:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)

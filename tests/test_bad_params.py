@@ -126,8 +126,11 @@ def test_train_settings_errors():
         TrainSettings(batch_size=0)
 
 
+FOLDS = {"train": {"NORMAL": 8, "PNEUMONIA": 8}, "valid": {"NORMAL": 2, "PNEUMONIA": 2}}
+
+
 def _manifest_dir(tmp_path, with_mask=0):
-    storage.write_text(str(tmp_path / "summary.json"), json.dumps({"with_mask": with_mask}))
+    storage.write_text(str(tmp_path / "summary.json"), json.dumps({"with_mask": with_mask, "folds": FOLDS}))
     return str(tmp_path)
 
 
@@ -228,3 +231,16 @@ def test_neumo_cli_reports_a_bad_stage_parameter_with_exit_code_2(tmp_path, capl
     assert "no files under" in caplog.text
     assert cli.main(["preprocess", "--manifest", str(tmp_path), "--pixels", "4", "--out", str(tmp_path / "p")]) == 2
     assert "pixels must be an integer >= 8" in caplog.text
+
+
+@pytest.mark.parametrize("folds,match", [
+    ({"train": {"NORMAL": 8}, "valid": {"NORMAL": 2, "PNEUMONIA": 2}}, "train has 0 PNEUMONIA"),
+    ({"train": {"NORMAL": 8, "PNEUMONIA": 8}, "valid": {"PNEUMONIA": 2}}, "valid has 0 NORMAL"),
+    ({"train": {"NORMAL": 1, "PNEUMONIA": 8}, "valid": {"NORMAL": 2, "PNEUMONIA": 2}}, r"train has 1 NORMAL \(needs >= 2\)"),
+    ({"train": {"NORMAL": 1}}, "valid has 0 NORMAL"),
+])
+def test_plan_refuses_a_dataset_that_cannot_train_or_validate(tmp_path, folds, match):
+    """A one-class train fold, or an empty valid fold, is refused before any GPU time, by name."""
+    storage.write_text(str(tmp_path / "summary.json"), json.dumps({"with_mask": 0, "folds": folds}))
+    with pytest.raises(ValueError, match=match):
+        stages.plan(search_space=SPACE, manifest_dir=str(tmp_path))

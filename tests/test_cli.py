@@ -60,3 +60,40 @@ def test_stages_chain_from_the_command_line(tmp_path, capsys):
     assert summary["trials"] == 1
     assert (tmp_path / "results" / "train_max_unsupervised.csv").exists()
     assert (tmp_path / "r" / "report.html").read_text().count("<img") >= 1
+
+
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, caplog, monkeypatch):
+    """A manifest missing a column, --out that is a folder, a history record without its training
+    row, gs:// without credentials: one line naming the file, row or key; exit 2; no traceback."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.csv").write_text("id,uri\na,b\n")
+    (tmp_path / "m" / "summary.json").write_text('{"data_version": "x"}')
+    cases = [
+        (["preprocess", "--manifest", str(tmp_path / "m"), "--pixels", "64", "--out", str(tmp_path / "p")],
+         "missing column(s) split"),
+        (["synthetic", "--per-class", "2", "--size", "64", "--out", str(tmp_path / "s")], None),
+        (["aggregate", "--history", str(tmp_path / "h.jsonl"), "--out", str(tmp_path / "a")], "line 1"),
+        (["demo-data", "--out", str(tmp_path / "m")], "Is a directory"),
+    ]
+    (tmp_path / "h.jsonl").write_text('{"eval": []}\n')
+    for argv, expected in cases:
+        caplog.clear()
+        code = cli.main(argv)
+        if expected is None:
+            assert code == 0
+            continue
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert code == 2 and len(errors) == 1 and expected in errors[0].getMessage(), (argv, caplog.text)
+        assert not errors[0].exc_info and "\n" not in errors[0].getMessage()
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    from neumo import storage
+
+    storage.reset_client()
+    caplog.clear()
+    try:
+        assert cli.main(["ingest", "--dataset-uri", "gs://neumo-no-bucket/x", "--out", str(tmp_path / "i")]) == 2
+    finally:
+        storage.reset_client()
+    (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "credentials" in error.getMessage() or "no-such-key" in error.getMessage()

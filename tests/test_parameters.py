@@ -89,12 +89,17 @@ def test_every_component_input_named_like_a_parameter_is_fed_by_it(tmp_path):
 
 
 def test_stage_functions_take_keywords_only():
-    for name, func in _stage_functions().items():
-        if name in ("load_manifest", "ingest_report_markdown", "failed_row", "shown_metrics", "trial_metadata",
-                    "trial_record"):
-            continue  # helpers over one record, not stages
-        kinds = {p.kind for p in inspect.signature(func).parameters.values()}
-        assert kinds == {inspect.Parameter.KEYWORD_ONLY}, name
+    """Every stage function a component calls takes its arguments by keyword only."""
+    import re
+
+    called = set()
+    for component in _components().values():
+        called |= set(re.findall(r"stages\.(\w+)\(", inspect.getsource(component.python_func)))
+    assert {"ingest", "plan", "train", "evaluate", "aggregate"} <= called
+    for name in called:
+        kinds = {p.kind for p in inspect.signature(getattr(stages, name)).parameters.values()}
+        if name not in ("trial_metadata", "shown_metrics", "trial_record"):  # helpers over one record
+            assert kinds == {inspect.Parameter.KEYWORD_ONLY}, name
 
 
 def test_presets_are_overrides_of_declared_parameters():

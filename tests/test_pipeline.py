@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -135,20 +136,33 @@ def test_bad_compile_options_fail_clearly(tmp_path):
         full.main(["--compile", str(tmp_path / "x.yaml"), "--set", "pixles=128"])
 
 
-TINY_SPACE = ('{"pixels":[64],"mask":[false,true],"model":[1,2],"frozen_layers":[0,4],'
-              '"learning_rate":[0.0001,0.01],"loss":["bce","focal"],"augmentation":["none","light"],'
-              '"class_weight":[false,true]}')
+TINY_SPACE = '{"mask": [false, true]}'  # the smoke preset's space, masked and not
 
 
 def _run_local(tmp_path, data, workdir, rounds, results):
-    args = ["--local", "--workdir", str(workdir), "--rounds", str(rounds), "--trials", "2",
+    """`pipelines/full.py --local` on the smoke preset as a person runs it; the lines it printed."""
+    args = ["--local", "--preset", "smoke", "--workdir", str(workdir), "--rounds", str(rounds), "--trials", "2",
             "--set", f"dataset_uri={data / 'images'}", "--set", f"masks_uri={data / 'masks'}",
-            "--set", f"pretrain_uri={data / 'nih'}", "--set", f"results_uri={results}", "--set", "mask_pixels=64",
-            "--set", "mask_epochs=1", "--set", "pretrain_epochs=1", "--set", "filters=4", "--set", "depth=3",
-            "--set", "epochs=1", "--set", "bootstrap=20", "--set", f"search_space={TINY_SPACE}"]
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "pipelines" / "full.py"), *args], capture_output=True,
-                          text=True, timeout=900, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            "--set", f"pretrain_uri={data / 'nih'}", "--set", f"results_uri={results}",
+            "--set", f"search_space={TINY_SPACE}"]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "pipelines" / "full.py"), *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return done.stdout.splitlines()
+
+
+def _check_the_output_is_for_people(lines):
+    """A local run shows the project's lines: few, "task k of n" for every task, the log path last."""
+    from tests.test_local_run import _started
+
+    text = "\n".join(lines)
+    assert len(lines) < 150, text
+    started = _started(lines)
+    assert "aggregate" in started, text
+    n = len(started)  # once plan and suggest have listed the loops' items, n is known (no '+')
+    assert re.search(rf"task {n} of {n}: \S+ finished in", text), text
+    assert lines[-1].endswith(".log") and "full log: " in lines[-1]
+    assert "Traceback" not in text and "KFP Executor" not in text and "Executing task" not in text
 
 
 @pytest.mark.slow
@@ -162,7 +176,7 @@ def test_whole_pipeline_runs_locally_and_a_second_run_continues(tmp_path):
                            seed=0, masks_uri=str(data / "masks"))
     synthetic.write_nih(str(data / "nih"), 8, size=96, seed=1)
     out = tmp_path / "results"
-    _run_local(tmp_path, data, tmp_path / "run", 2, out)
+    _check_the_output_is_for_people(_run_local(tmp_path, data, tmp_path / "run", 2, out))
     with open(out / results.TRAIN_CSV) as fh:
         train_rows = list(csv.DictReader(fh))
     assert len(train_rows) == 4

@@ -114,7 +114,27 @@ def test_a_single_configuration_replaces_the_search(tmp_path):
     batch = stages.suggest(search_space=SPACE, finished=[], trials_per_round=4, history_out=str(tmp_path / "h.jsonl"),
                            round_index=0, config=config)
     assert batch == [{**config, "pixels": 64, "round": 0, "trial": 0}]
-    (tmp_path / "summary.json").write_text(json.dumps({"with_mask": 0}))
+    folds = {"train": {"NORMAL": 8, "PNEUMONIA": 8}, "valid": {"NORMAL": 2, "PNEUMONIA": 2}}
+    (tmp_path / "summary.json").write_text(json.dumps({"with_mask": 0, "folds": folds}))
     assert stages.plan(search_space=SPACE, manifest_dir=str(tmp_path), config=config) == [{"pixels": 64, "mask": False}]
     with pytest.raises(ValueError, match="loss"):
         stages.plan(search_space=SPACE, manifest_dir=str(tmp_path), config={**config, "loss": "hinge"})
+
+
+def test_warm_start_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path, caplog):
+    """Rows of the results CSV: a row cut short, an unparsable value, a score outside [0, 1] are
+    skipped (one logged reason each, counted); Excel's TRUE is read as true, not as false."""
+    good = json.loads(_record(0, score=0.7))["train"]
+    rows = [dict(good, mask="TRUE", learning_rate=0.002), {k: v for k, v in good.items() if k != "loss"},
+            dict(good, learning_rate="fast"), dict(good, score=7.5), dict(good, learning_rate=0.003)]
+    results.append_rows(str(tmp_path / results.TRAIN_CSV), rows, results.TRAIN_COLUMNS)
+    space = {**SPACE, "mask": [False, True]}
+    counts = {}
+    with caplog.at_level("WARNING", logger="neumo.stages"):
+        stages.suggest(search_space=space, finished=[], trials_per_round=2, history_out=str(tmp_path / "h.jsonl"),
+                       results_uri=str(tmp_path), counts=counts)
+    assert counts == {"used": 2, "skipped": 3}
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 3 and any("score 7.5" in m for m in skipped) and any("row 4" in m for m in skipped)
+    point = stages._trial_point(rows[0], "row 2")
+    assert point["mask"] is True and point["score"] == 0.7

@@ -63,6 +63,7 @@ def test_a_restarted_trial_resumes_from_object_storage(variant, tmp_path, gcs_bu
     checkpoint = f"gs://{gcs_bucket}/checkpoints/run/round-0-trial-0"
     backbone = str(root / "b" / "autoencoder.keras")
     training.train_trial(cfg, training.TrainSettings(epochs=1), str(root / "p"), backbone, str(tmp_path / "a"), checkpoint)
+    caplog.clear()  # only what the restarted pod logs
     # a new pod: empty local disk, same checkpoint URI, one more epoch asked for
     with caplog.at_level(logging.INFO, logger="neumo.fitting"):
         result = training.train_trial(cfg, training.TrainSettings(epochs=2), str(root / "p"), backbone,

@@ -16,7 +16,7 @@ def aggregate(finished: List[str], history: Input[Dataset], results_uri: str, ta
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     summary = stages.aggregate(history_in=history.path, finished=finished, results_uri=results_uri,
                                out_dir=tables.path, report_path=report.path)
     tables.metadata.update({k: v for k, v in summary.items() if v is not None})

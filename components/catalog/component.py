@@ -14,7 +14,7 @@ def catalog(data: Input[List[Dataset]], backbones: Input[List[Model]], catalog: 
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     entries = stages.catalog(variants=[{"uri": a.uri, **a.metadata} for a in data],
                              backbones=[{"uri": a.uri, **a.metadata} for a in backbones], out_path=catalog.path)
     catalog.metadata["variants"] = len(entries)

@@ -24,7 +24,7 @@ def evaluate(
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     record = stages.evaluate(model_dir=classifier.path, catalog_path=catalog.path, train_row=json.loads(train_row),
                              out_dir=predictions.path, bootstrap=bootstrap, out_uri=predictions.uri)
     shown = stages.shown_metrics(record)

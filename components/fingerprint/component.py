@@ -12,5 +12,5 @@ def fingerprint(dataset_uri: str, masks_uri: str, pretrain_uri: str) -> str:
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     return stages.fingerprint(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri)

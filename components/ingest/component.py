@@ -24,7 +24,7 @@ def ingest(
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     summary = stages.ingest(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri,
                             sample_per_class=sample_per_class, seed=seed, out_dir=manifest.path, report_path=report.path)
     manifest.metadata.update({k: summary[k] for k in ("files", "accepted", "rejected", "duplicate", "data_version")})

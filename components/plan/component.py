@@ -16,7 +16,7 @@ def plan(search_space: dict, manifest: Input[Dataset], mask_model_uri: str, dept
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     return stages.plan(search_space=search_space, manifest_dir=manifest.path, mask_model_uri=mask_model_uri,
                        depth=depth, results_uri=results_uri, config=config, clahe_clip=clahe_clip,
                        acquisition_copies=acquisition_copies)

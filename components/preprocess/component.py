@@ -21,7 +21,7 @@ def preprocess(
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     info = stages.preprocess(manifest_dir=manifest.path, variant=variant, out_dir=data.path, masks_dir=masks.path,
                              clahe_clip=clahe_clip, acquisition_copies=acquisition_copies)
     data.metadata.update({"pixels": info["pixels"], "mask": info["mask"], "data_version": info["data_version"],

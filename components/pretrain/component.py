@@ -13,7 +13,7 @@ def pretrain(data: Input[Dataset], pretrain_epochs: int, filters: int, depth: in
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     info = stages.pretrain(variant_dir=data.path, out_dir=backbone.path, pretrain_epochs=pretrain_epochs,
                            filters=filters, depth=depth, seed=seed)
     backbone.metadata.update({k: info[k] for k in ("pixels", "mask", "images", "best_val_loss", "seconds")})

@@ -26,8 +26,11 @@ def suggest(
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return stages.suggest(search_space=search_space, history_in=history_in.path if history_in else "",
-                          finished=finished, trials_per_round=trials_per_round, seed=seed,
-                          history_out=history_out.path, results_uri=results_uri, round_index=round_index,
-                          config=config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    counts = {}
+    configs = stages.suggest(search_space=search_space, history_in=history_in.path if history_in else "",
+                             finished=finished, trials_per_round=trials_per_round, seed=seed,
+                             history_out=history_out.path, results_uri=results_uri, round_index=round_index,
+                             config=config, counts=counts)
+    history_out.metadata.update(counts)
+    return configs

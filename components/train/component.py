@@ -25,7 +25,7 @@ def train(
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     row = stages.train(trial=trial, catalog_path=catalog.path, out_dir=classifier.path, model_uri=classifier.uri,
                        epochs=epochs, batch_size=batch_size, patience=patience, seed=seed, run_id=run_id,
                        results_uri=results_uri)

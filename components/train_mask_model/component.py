@@ -25,7 +25,7 @@ def train_mask_model(
 
     from neumo import stages
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     info = stages.mask_model(manifest_dir=manifest.path, out_dir=mask_model.path, mask_model_uri=mask_model_uri,
                              mask_pixels=mask_pixels, mask_epochs=mask_epochs, mask_max_images=mask_max_images,
                              filters=filters, seed=seed, planned=planned)

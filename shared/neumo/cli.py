@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
 import json
 import logging
 import os
@@ -130,9 +131,12 @@ def _compare(a):
 
     from neumo import evaluation
 
+    from neumo import cells, ingest
+
     def read(folder):
-        with open(os.path.join(folder, "predictions.csv")) as fh:
-            return {(r["split"], r["id"]): r for r in csv.DictReader(fh) if r["split"] == a.split}
+        text = ingest.read_csv_text(os.path.join(folder, "predictions.csv"))
+        rows = (cells.unescape_row(r) for r in csv.DictReader(io.StringIO(text)))
+        return {(r["split"], r["id"]): r for r in rows if r["split"] == a.split}
 
     pa, pb = read(a.a), read(a.b)
     ids = sorted(set(pa) & set(pb))
@@ -175,6 +179,15 @@ def _demo_data(a):
     with open(a.out, "w") as fh:
         json.dump(found, fh, indent=2)
     return found
+
+
+def _reason(err: BaseException) -> str:
+    """One line for an error: OSErrors name their file; a KeyError its key."""
+    if isinstance(err, KeyError):
+        return f"missing key {err.args[0]!r}"
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in str(err):
+        return f"{err.strerror or err}: {err.filename}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _preset(a):
@@ -300,8 +313,8 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        logger.error("%s: %s", args.command, err)
+    except (ValueError, OSError, KeyError) as err:  # a user's mistake: one line naming it (-v: the traceback)
+        logger.error("%s: %s", args.command, _reason(err), exc_info=args.verbose)
         return 2
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -304,7 +304,7 @@ def stream_dataset(
 def default_precision() -> str:
     """The Keras dtype policy to train with: "mixed_float16" where the backend sees a GPU, else "float32".
 
-    Mixed precision is about 2.6x faster on tensor-core GPUs (ANCHORS.md) and slower on CPUs.
+    Mixed precision is about 2.6x faster on tensor-core GPUs (../shared/docs/ANCHORS.md) and slower on CPUs.
     Call ``keras.mixed_precision.set_global_policy(default_precision())`` before building a
     model; Keras then wraps the optimizer in a LossScaleOptimizer at compile.
     """

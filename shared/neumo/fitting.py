@@ -20,16 +20,55 @@ def set_seed(seed: int) -> None:
     keras.utils.set_random_seed(int(seed))
 
 
-class EpochLog(keras.callbacks.Callback):
-    """Logs one line per epoch, so long runs show progress."""
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
-    def __init__(self, label: str):
+
+class EpochLog(keras.callbacks.Callback):
+    """Logs one line per epoch (its figures, its time, the time the epochs left may take) and, within
+    an epoch longer than `every` seconds, a progress line at most every `every` seconds of wall
+    time: the step, the steps per epoch (Keras' count, else the last epoch's) and the epoch's ETA."""
+
+    async_safe = True  # reads only the clock and the step: Keras need not wait for each step to call it
+
+    def __init__(self, label: str, every: float = 30.0):
         super().__init__()
-        self.label = label
+        self.label, self.every = label, every
+        self.last_steps = None  # steps of the last whole epoch: the estimate when Keras has no count
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.steps = epoch, 0
+        self.began = self.reported = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps = max(self.steps, batch + 1)
+        now = time.monotonic()
+        if now - self.reported < self.every:
+            return
+        self.reported = now
+        rate = self.steps / max(now - self.began, 1e-9)
+        known = (self.params or {}).get("steps")
+        total = known or self.last_steps
+        where = f"step {self.steps}"
+        if total and total > self.steps:
+            where += f"/{total}" if known else f"/~{total}"
+            where += f" ({100 * self.steps / total:.0f}%), {rate:.1f} steps/s, epoch ETA {_duration((total - self.steps) / rate)}"
+        else:
+            where += f", {rate:.1f} steps/s"
+        logger.info("%s epoch %d: %s", self.label, self.epoch + 1, where)
 
     def on_epoch_end(self, epoch, logs=None):
+        took = time.monotonic() - self.began
+        self.last_steps = self.steps or self.last_steps
         figures = " ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()))
-        logger.info("%s epoch %d: %s", self.label, epoch + 1, figures)
+        epochs = (self.params or {}).get("epochs") or epoch + 1
+        left = epochs - (epoch + 1)
+        more = f"; at most {left} more, ~{_duration(left * took)}" if left > 0 else ""
+        logger.info("%s epoch %d: %s (%d of %d, %s%s)", self.label, epoch + 1, figures, epoch + 1, epochs,
+                    _duration(took), more)
 
 
 class SyncToStorage(keras.callbacks.Callback):

@@ -10,6 +10,7 @@ variant complete: a crashed run leaves no variant.json, and readers only trust l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neumo import data as nd
-from neumo import imaging, parameters, shifts, storage
+from neumo import imaging, ingest, parameters, shifts, storage
 
 logger = logging.getLogger(__name__)
 
@@ -81,28 +82,50 @@ def images_per_shard(n: int, pixels: int, shard_bytes: int = SHARD_BYTES, min_sh
 
 
 def mask_path(masks_uri: str, image_id: str) -> str:
-    """Where the mask stage stores the lung mask of an image id."""
-    return storage.join(masks_uri, "masks", os.path.splitext(image_id)[0] + ".png")
+    """Where the mask stage stores the lung mask of an image id: `<masks>/masks/<id>.png`, keyed by
+    the whole id, extension kept (`data/train/NORMAL/x.jpeg.png`), so `x.jpeg` and `x.png` in one
+    folder get a mask each. A name over the file system's 255-byte limit once `.png` is added
+    keeps its start plus a hash of the whole id: still one mask per id, and every name fits."""
+    folder, _, name = image_id.rpartition("/")
+    name += ".png"
+    if len(os.fsencode(name)) > 255:
+        digest = f"~{hashlib.sha256(os.fsencode(image_id)).hexdigest()[:16]}.png"
+        while len(os.fsencode(name + digest)) > 255:
+            name = name[:-1]
+        name += digest
+    return storage.join(masks_uri, "masks", folder, name)
 
 
-def prepare_one(args: tuple[str, str, int, float | None, str, int]) -> np.ndarray:
+def prepare_one(args: tuple[str, str, int, float | None, str, int, int | None, str | None]) -> np.ndarray:
     """uint8 (p, p) for one image: the stored form of the seed chain.
 
-    args: (image uri, mask uri or "", pixels, CLAHE clip, image id, acquisition copy). Copy 0 is
-    the image as acquired; copy k > 0 first passes the raw (masked) image through a random
-    acquisition (shifts.acquisition), drawn from (copy, id) so any worker makes the same bytes.
+    args: (image uri, mask uri or "", pixels, CLAHE clip, image id, acquisition copy, bytes,
+    sha256). The file is checked against the size and sha256 ingest recorded (ingest.read_verified:
+    a file changed since ingest is refused by name); rows without them (hand-made lists in tests
+    and benchmarks) are read unchecked. Copy 0 is the image as acquired; copy k > 0 first passes
+    the raw (masked) image through a random acquisition (shifts.acquisition), drawn from (copy, id)
+    so any worker makes the same bytes. Every error names the image (id and uri) or its mask.
     """
-    uri, mask_uri, pixels, clip, image_id, copy = args
+    uri, mask_uri, pixels, clip, image_id, copy, size, checksum = args
+    row = {"id": image_id, "uri": uri, "bytes": size, "checksum": checksum}
     try:
-        image = imaging.decode(storage.read_bytes(uri))
+        try:
+            # bytes verified as those ingest accepted need not be watched for damage again
+            data = ingest.read_verified(row) if checksum else storage.read_bytes(uri)
+            image = imaging.decode(data, check_damage=not checksum)
+        except imaging.ImageError as err:  # rebuilt with the name: the message is what the CLI shows
+            raise imaging.ImageError(f"image {image_id} ({uri}): {err}") from err
         if mask_uri:
-            mask = imaging.read_grey(storage.read_bytes(mask_uri)) > 127
+            try:
+                mask = imaging.read_grey(storage.read_bytes(mask_uri)) > 127
+            except imaging.ImageError as err:
+                raise imaging.ImageError(f"lung mask {mask_uri} of image {image_id}: {err}") from err
             image = imaging.apply_mask(imaging.to_grey(image), mask)
         if copy:
             image = shifts.acquisition(imaging.to_grey(image), shifts.acquisition_rng(image_id, copy))
         return imaging.prepare_uint8(image, pixels, clip)
     except Exception as err:  # name the image (notes survive the pool's pickling); re-raised as is
-        err.add_note(f"while preprocessing {uri}")
+        err.add_note(f"while preprocessing {image_id} ({uri})")
         raise
 
 
@@ -130,7 +153,7 @@ def _shard_jobs(manifest: list[dict], config: PreprocessConfig, masks_uri: str):
         for s, lo in enumerate(range(0, len(copies), per)):
             chunk = copies[lo:lo + per]
             jobs = [(r["uri"], mask_path(masks_uri, r["id"]) if config.mask else "", config.pixels,
-                     config.clahe_clip, r["id"], k) for r, k in chunk]
+                     config.clahe_clip, r["id"], k, r.get("bytes"), r.get("checksum")) for r, k in chunk]
             stored = [{**r, "id": f"{r['id']}{COPY_MARK}{k}"} if k else r for r, k in chunk]
             plan.append((fold, s, stored, jobs))
     return by_fold, plan

@@ -41,14 +41,18 @@ def _now() -> str:
 # --- fingerprint, ingest --------------------------------------------------------------------
 
 def fingerprint(*, dataset_uri: str, masks_uri: str = D["masks_uri"], pretrain_uri: str = D["pretrain_uri"]) -> str:
-    """A short hash of what lies under the data URIs (relative names, sizes, versions; nothing is read)."""
+    """A short hash of what lies under the data URIs: every entry ingest would report (relative
+    name, status and reason, as storage.walk finds it) and each readable file's size and version.
+    Nothing is read; a bad entry changes the hash, it never stops it."""
     h = hashlib.sha256()
     for base in (dataset_uri, masks_uri, pretrain_uri):
         if not base:
             continue
-        h.update(f"{base}\n".encode())
-        for uri, size, version in storage.list_versions(base):
-            h.update(f"{storage.relative(uri, base)}\t{size}\t{version}\n".encode())
+        h.update(f"{base}\n".encode("utf-8", "surrogateescape"))
+        versions = {uri: (size, version) for uri, size, version in storage.list_versions(base)}
+        for e in storage.walk(base).entries:
+            size, version = versions.get(e.uri, ("", ""))
+            h.update(f"{e.rel}\t{e.status}\t{e.reason}\t{size}\t{version}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -56,18 +60,21 @@ def ingest(*, dataset_uri: str, out_dir: str, masks_uri: str = D["masks_uri"], p
            sample_per_class: int = D["sample_per_class"], seed: int = D["seed"],
            valid_fraction: float = listing.VALID_FRACTION, report_path: str = "") -> dict:
     """Manifest, per-file report and summary of a dataset (+ optional unlabelled set) in out_dir;
-    the summary as Markdown at report_path when given."""
+    the summary as Markdown at report_path when given. The report and summary are written first,
+    so a dataset with no usable training image fails (ValueError) with both in place and no manifest."""
     config = listing.IngestConfig(dataset_uri=dataset_uri, masks_uri=masks_uri, pretrain_uri=pretrain_uri,
                                   valid_fraction=valid_fraction, sample_per_class=sample_per_class, seed=seed)
     manifest, report, summary = listing.scan(config)
-    if not any(r["fold"] == "train" for r in manifest):
-        raise ValueError(f"no accepted training image under {config.dataset_uri}: see the report")
     summary["data_version"] = listing.data_version(manifest)
-    storage.write_text(storage.join(out_dir, MANIFEST), listing.to_csv(manifest, listing.MANIFEST_COLUMNS))
-    storage.write_text(storage.join(out_dir, "report.csv"), listing.to_csv(report, listing.REPORT_COLUMNS))
+    report_uri = storage.join(out_dir, "report.csv")
+    storage.write_bytes(report_uri, listing.csv_bytes(report, listing.REPORT_COLUMNS))
     _write_json(storage.join(out_dir, "summary.json"), summary)
     if report_path:
         storage.write_text(report_path, ingest_report_markdown(summary))
+    if not any(r["fold"] == "train" for r in manifest):
+        counts = ", ".join(f"{summary[k]} {k}" for k in ("files", "accepted", "rejected", "duplicate", "skipped"))
+        raise ValueError(f"no accepted training image under {config.dataset_uri} ({counts}): see {report_uri}")
+    storage.write_bytes(storage.join(out_dir, MANIFEST), listing.csv_bytes(manifest, listing.MANIFEST_COLUMNS))
     logger.info("ingest: %s", json.dumps({k: summary[k] for k in ("files", "accepted", "rejected", "duplicate", "skipped")}))
     return summary
 
@@ -114,7 +121,26 @@ def plan(*, search_space: dict = D["search_space"], manifest_dir: str, mask_mode
     summary = _read_json(storage.join(manifest_dir, "summary.json"))
     if any(space.mask) and not summary["with_mask"] and not mask_model_uri:
         raise ValueError("search_space.mask includes true, but no image has a lung mask and no mask_model_uri was given")
+    check_trainable(summary["folds"])
     return space.variants()
+
+
+#: The fewest images of each class a fold needs: training needs both classes (a one-class train fold
+#: "trains" to a constant and scores NaN); the valid fold chooses the threshold and the score.
+MIN_PER_CLASS = {"train": 2, "valid": 1}
+
+
+def check_trainable(folds: dict) -> None:
+    """Refuse, before any GPU time, a dataset whose train or valid fold lacks a class or has too
+    few images of one (`folds`: ingest's summary, {fold: {class: count}})."""
+    from neumo.ingest import CLASSES
+
+    short = [f"{fold} has {folds.get(fold, {}).get(label, 0)} {label} (needs >= {least})"
+             for fold, least in MIN_PER_CLASS.items() for label in CLASSES
+             if folds.get(fold, {}).get(label, 0) < least]
+    if short:
+        raise ValueError(f"the dataset cannot train and validate a classifier: {'; '.join(short)} "
+                         "(ingest's summary.json; the valid fold is 20% of the train split's patients)")
 
 
 # --- lung masks -----------------------------------------------------------------------------
@@ -152,7 +178,8 @@ def mask_model(*, manifest_dir: str, out_dir: str, mask_model_uri: str = D["mask
 
 
 def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24) -> dict:
-    """Lung masks for every image at its original size, per-image QA and a contact sheet."""
+    """Lung masks for every image at its original size, per-image QA and a contact sheet of
+    `sheet_size` images sampled across folds and classes."""
     import cv2
 
     from neumo import imaging, masking
@@ -166,23 +193,25 @@ def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 2
     model = masking.load(os.path.join(model_dir, info["file"]))
     pixels = masking.model_pixels(model)
     rows = load_manifest(manifest_dir)
-    sheet = ([], [], [])
+    picked = {r["id"]: i for i, r in enumerate(masking.sheet_rows(rows, sheet_size))}
+    sheet = {part: [None] * len(picked) for part in ("images", "masks", "titles")}
     for lo in range(0, len(rows), MASK_CHUNK):
         chunk = rows[lo:lo + MASK_CHUNK]
-        images = [imaging.decode(storage.read_bytes(r["uri"])) for r in chunk]
+        images = [imaging.decode(listing.read_verified(r), check_damage=False) for r in chunk]  # as ingest saw them
         for r, image, m in zip(chunk, images, masking.predict_masks(model, images, pixels)):
             storage.write_bytes(mask_path(out_dir, r["id"]), cv2.imencode(".png", m.astype(np.uint8) * 255)[1].tobytes())
             qa = imaging.mask_qa(m)
             qa_rows.append({"id": r["id"], "lung_fraction": round(qa["lung_fraction"], 4),
                             "components": qa["components"], "flags": ";".join(qa["flags"])})
-            if len(sheet[0]) < sheet_size:
-                for lst, v in zip(sheet, (image, m, r["id"])):
-                    lst.append(v)
+            if r["id"] in picked:
+                title = f"{r['label'] or 'unlabelled'} / {r['fold']}\n{r['id'].rsplit('/', 1)[-1]}"
+                for part, v in zip(sheet, (image, m, title)):
+                    sheet[part][picked[r["id"]]] = v
         logger.info("mask: %d/%d images", lo + len(chunk), len(rows))
-    storage.write_text(os.path.join(out_dir, "qa.csv"),
-                       listing.to_csv(qa_rows, ["id", "lung_fraction", "components", "flags"]))
-    if sheet[0]:
-        cv2.imwrite(os.path.join(out_dir, "contact_sheet.png"), masking.contact_sheet(*sheet))
+    storage.write_bytes(os.path.join(out_dir, "qa.csv"),
+                        listing.csv_bytes(qa_rows, ["id", "lung_fraction", "components", "flags"]))
+    if picked:
+        cv2.imwrite(os.path.join(out_dir, "contact_sheet.png"), masking.contact_sheet(**sheet))
     flagged = sum(1 for q in qa_rows if q["flags"])
     summary = {"available": True, "images": len(qa_rows), "flagged": flagged,
                "mean_lung_fraction": float(np.mean([q["lung_fraction"] for q in qa_rows])) if qa_rows else 0.0}
@@ -223,7 +252,7 @@ def pretrain(*, variant_dir: str, out_dir: str, pretrain_epochs: int = D["pretra
     info, fit, held, source = training.pretraining_data(variant_dir, seed)
     _, curve, seconds = training.pretrain(fit, held, int(info["pixels"]), config, out_dir)
     figures.curve_png({k: curve[k] for k in ("loss", "val_loss") if k in curve}, os.path.join(out_dir, "loss_curve.png"),
-                      f"reconstruction loss, {info['pixels']} px, mask={info['mask']}")
+                      f"pretraining, {info['pixels']} px, mask={info['mask']}", ylabel="reconstruction loss (MSE)")
     result = {"pixels": int(info["pixels"]), "mask": bool(info["mask"]), "images": len(fit), "source": source,
               "final_loss": float(curve["loss"][-1]), "best_val_loss": float(min(curve["val_loss"])),
               "seconds": round(seconds, 1), "config": config.__dict__}
@@ -261,11 +290,12 @@ def _variant(catalog_path: str, pixels: int, use_mask: bool) -> dict:
 
 def suggest(*, search_space: dict = D["search_space"], history_in: str = "", finished: list[str], history_out: str,
             trials_per_round: int = D["trials_per_round"], seed: int = D["seed"], results_uri: str = "",
-            round_index: int = 0, config: dict = D["config"]) -> list[dict]:
+            round_index: int = 0, config: dict = D["config"], counts: dict | None = None) -> list[dict]:
     """The next batch of configurations from every finished trial: earlier rounds (history_in,
     a JSON-lines file of trial records), the last round (`finished`, JSON strings) and, on the
     first round, the training CSV already at results_uri (so a recurring run continues). A given
-    `config` is the batch (a single run: no tuning)."""
+    `config` is the batch (a single run: no tuning). `counts`, when given, is filled with how many
+    trials were used and how many rows were skipped (each skip is logged with its reason)."""
     from neumo import results, trial, tuning
 
     if config:
@@ -275,11 +305,16 @@ def suggest(*, search_space: dict = D["search_space"], history_in: str = "", fin
     space = trial.SearchSpace.from_dict(search_space)
     _check_round(finished, round_index - 1)
     records = _read_records(history_in) + [json.loads(s) for s in finished]
-    points = [_trial_point(r["train"]) for r in records]
+    points = [_trial_point(r["train"], f"trial record {i}") for i, r in enumerate(records)]
     if results_uri and round_index == 0:
-        previous = results.read_rows(storage.join(results_uri, results.TRAIN_CSV))
-        points += [p for p in map(_trial_point, previous) if p is not None and space.contains(p)]
-    configs = tuning.suggest(space, [p for p in points if p is not None], trials_per_round, seed + round_index)
+        csv_uri = storage.join(results_uri, results.TRAIN_CSV)
+        previous = results.read_rows(csv_uri)
+        from_csv = [_trial_point(r, f"{csv_uri} row {i + 2}") for i, r in enumerate(previous)]  # row 1: header
+        points += [p for p in from_csv if p is None or space.contains(p)]
+    used = [p for p in points if p is not None]
+    if counts is not None:
+        counts.update(used=len(used), skipped=len(points) - len(used))
+    configs = tuning.suggest(space, used, trials_per_round, seed + round_index)
     storage.write_text(history_out, "".join(json.dumps(r) + "\n" for r in records))
     for i, c in enumerate(configs):
         c.update({"round": round_index, "trial": i})
@@ -296,23 +331,41 @@ def _check_round(finished: list[str], round_index: int) -> None:
 
 
 def _read_records(path: str) -> list[dict]:
+    """The trial records of a JSON-lines history file ({"train": row, "eval": [rows], ...} a line)."""
     if not path or not storage.exists(path):
         return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    records = []
+    for line, text in enumerate(storage.read_text(path).splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {line}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("train"), dict):
+            raise ValueError(f"{path} line {line}: a trial record needs a \"train\" object (its training row)")
+        records.append(record)
+    return records
 
 
-def _trial_point(row: dict) -> dict | None:
-    """A training row as the optimiser sees it: the configuration and its score (None if failed);
-    None for a row that is not a usable configuration (logged)."""
+def _trial_point(row: dict, where: str) -> dict | None:
+    """A training row as the optimiser sees it: the configuration and its score (None for a failed
+    trial); None, with one logged reason, for a row the optimiser cannot use (a configuration that
+    does not parse, a score that is not a number in [0, 1])."""
     from neumo import trial
 
     try:
-        point = trial.coerce(row, what="training row")
-    except ValueError as err:
-        logger.warning("suggest: a training row is skipped: %s", err)
+        point = trial.coerce(row, what=where)
+        ok = str(row.get("status", "ok")).strip().lower() == "ok"
+        blank = str(row.get("score", "")).strip().lower() in ("", "nan", "none")  # no score: counts as failed
+        score = trial.parse_float(row.get("score"), "score", what=where) if ok and not blank else None
+    except ValueError as err:  # the message names `where`
+        logger.warning("suggest: skipped %s", err)
         return None
-    score = row.get("score")
-    point["score"] = float(score) if score not in (None, "", "nan") and row.get("status", "ok") == "ok" else None
+    if score is not None and not 0.0 <= score <= 1.0:
+        logger.warning("suggest: skipped %s: score %r is not an AUC in [0, 1]", where, score)
+        return None
+    point["score"] = score
     return point
 
 
@@ -387,6 +440,12 @@ EVAL_SPLITS = ("test", "val", "test+val", "valid")
 EVAL_METRICS = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")
 
 
+def splits_present(counts: dict[str, int]) -> list[str]:
+    """The EVAL_SPLITS to evaluate given each fold's image count: a split with images; a pooled
+    split ("test+val") only when every part has images (else it would silently repeat the other)."""
+    return [s for s in EVAL_SPLITS if all(counts.get(part, 0) > 0 for part in s.split("+"))]
+
+
 def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str, bootstrap: int = D["bootstrap"],
              out_uri: str = "") -> dict:
     """Metrics of a trained trial on each split the seed used (test, val, test+val) plus our
@@ -406,11 +465,9 @@ def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str
     folds = {f: data.load_fold(entry["data_uri"], f) for f in ("test", "val", "valid")}
     eval_rows, predictions, roc = [], [], {}
     probs = {f: training.predict(classifier, fold) for f, fold in folds.items()}
-    for split in EVAL_SPLITS:
+    for split in splits_present({f: len(fold) for f, fold in folds.items()}):
         parts = split.split("+")
         t = np.concatenate([folds[p].targets for p in parts]).astype(int)
-        if t.size == 0:
-            continue
         p = np.concatenate([probs[p] for p in parts])
         m = evaluation.metrics(t, p, meta["threshold"])
         ci = evaluation.bootstrap(t, p, meta["threshold"], n=bootstrap)
@@ -427,8 +484,8 @@ def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str
         fpr, tpr, th = evaluation.roc_curve(t, p)
         roc[split] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": th.tolist()}
     os.makedirs(out_dir, exist_ok=True)
-    storage.write_text(os.path.join(out_dir, "predictions.csv"),
-                       listing.to_csv(predictions, ["id", "split", "target", "probability", "predicted"]))
+    storage.write_bytes(os.path.join(out_dir, "predictions.csv"),
+                        listing.csv_bytes(predictions, ["id", "split", "target", "probability", "predicted"]))
     _figures(classifier, folds, probs, meta["threshold"], eval_rows, roc, out_dir)
     record = {"train": train_row, "eval": eval_rows, "figures_uri": out_uri or out_dir}
     _write_json(os.path.join(out_dir, "evaluation.json"), {**record, "roc": roc})
@@ -469,20 +526,17 @@ def _figures(classifier, folds: dict, probs: dict, threshold: float, eval_rows: 
     split = next(f for f in ("test", "val", "valid") if len(folds[f]))
     fold, p = folds[split], probs[split]
     correct = (p >= threshold) == (fold.targets == 1)
-    picks, titles = [], []
-    for target in (1, 0):
-        for right in (True, False):
-            for i in np.flatnonzero((fold.targets == target) & (correct == right))[:per_group]:
-                picks.append(int(i))
-                titles.append(f"{('NORMAL', 'PNEUMONIA')[target]} p={p[i]:.2f} {'right' if right else 'WRONG'}")
+    picks = [int(i) for target in (1, 0) for right in (True, False)
+             for i in np.flatnonzero((fold.targets == target) & (correct == right))[:per_group]]
     if picks:
         x = imaging.zscore(fold.images[picks])
-        figures.gradcam_png(fold.images[picks], models.grad_cam(classifier, x), titles,
-                            os.path.join(out_dir, "gradcam.png"))
+        figures.gradcam_png(images=fold.images[picks], cams=models.grad_cam(classifier, x), targets=fold.targets[picks],
+                            probs=p[picks], threshold=threshold, split=split, path=os.path.join(out_dir, "gradcam.png"))
 
 
 def _best_figures(ok_records: list[dict]) -> dict[str, bytes]:
-    """The best trial's ROC, confusion and Grad-CAM PNGs (those that can be read)."""
+    """The ROC, confusion and Grad-CAM PNGs of this run's best trial (those that can be read),
+    captioned with its run, round and trial: the report may rank an earlier run's model first."""
     if not ok_records:
         return {}
     best = max(ok_records, key=lambda r: float(r["train"]["score"]))
@@ -491,7 +545,8 @@ def _best_figures(ok_records: list[dict]) -> dict[str, bytes]:
                           ("gradcam.png", "Grad-CAM: where the model looks, right and wrong calls")):
         uri = storage.join(base, name) if base else ""
         if uri and storage.exists(uri):
-            found[f"{caption} (round {best['train'].get('round')}, trial {best['train'].get('trial')})"] = storage.read_bytes(uri)
+            where = f"run {best['train'].get('run_id') or '(no run id)'}, round {best['train'].get('round')}"
+            found[f"{caption} ({where}, trial {best['train'].get('trial')})"] = storage.read_bytes(uri)
     return found
 
 
@@ -512,8 +567,9 @@ def failed_row(config: dict, error: str, run_id: str = "", seed: int = D["seed"]
 
 def aggregate(*, history_in: str, finished: list[str], results_uri: str, out_dir: str, report_path: str = "") -> dict:
     """Append every trial of this run to the two CSVs at results_uri (earlier rows kept byte for
-    byte), and write copies plus an HTML report with the leaderboard and plots to out_dir (and
-    the report to report_path when given)."""
+    byte) and copies of this run's rows to out_dir; then write an HTML report of the whole history
+    at results_uri (this run's rows marked; only this run's without a results_uri), with the
+    leaderboard and plots, to out_dir (and to report_path when given). Returns this run's summary."""
     from neumo import results
 
     records = _read_records(history_in) + [json.loads(s) for s in finished]
@@ -526,7 +582,13 @@ def aggregate(*, history_in: str, finished: list[str], results_uri: str, out_dir
     results.append_rows(os.path.join(out_dir, results.TRAIN_CSV), train_rows, results.TRAIN_COLUMNS)
     results.append_rows(os.path.join(out_dir, results.EVAL_CSV), eval_rows, results.EVAL_COLUMNS)
     ok = [r for r in records if r["train"].get("status") == "ok"]
-    results.write_report(os.path.join(out_dir, "report.html"), train_rows, eval_rows, _best_figures(ok))
+    history_train, history_eval = train_rows, eval_rows
+    if results_uri:  # the whole search history, this run's rows just appended
+        history_train = results.read_table(storage.join(results_uri, results.TRAIN_CSV))
+        history_eval = results.read_table(storage.join(results_uri, results.EVAL_CSV))
+    run_ids = {str(r.get("run_id") or "") for r in train_rows}
+    results.write_report(os.path.join(out_dir, "report.html"), history_train, history_eval, _best_figures(ok),
+                         current_run=run_ids, history_uri=results_uri)
     if report_path:
         storage.write_bytes(report_path, storage.read_bytes(os.path.join(out_dir, "report.html")))
     # Written first, checked after: the rows of a failed last round are kept too.

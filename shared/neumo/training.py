@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from neumo import data as nd
-from neumo import evaluation, models
+from neumo import evaluation, models, parameters
 from neumo.fitting import fit, set_seed
 from neumo.trial import TrialConfig
 
@@ -25,14 +25,14 @@ from neumo.trial import TrialConfig
 class PretrainConfig:
     """Settings of the U-Net autoencoder pretraining (restoration of corrupted inputs)."""
 
-    depth: int = 4
-    filters: int = 16
-    epochs: int = 10
+    depth: int = parameters.default("depth")
+    filters: int = parameters.default("filters")
+    epochs: int = parameters.default("pretrain_epochs")
     batch_size: int = 8
     learning_rate: float = 1e-3
     skip_levels: int = 1
     corruption: str = "restore"
-    seed: int = 0
+    seed: int = parameters.default("seed")
 
     def __post_init__(self):
         for name in ("depth", "filters", "epochs", "batch_size"):
@@ -67,6 +67,11 @@ def corrupt_tf(x, seed: int):
     return tf.where(hide, noise, x)
 
 
+#: One image in this many is held out of pretraining to watch the validation loss (early stopping):
+#: enough to see overfitting, little taken from the images the backbone learns from.
+PRETRAIN_HELD_OUT = 10
+
+
 def pretraining_data(variant_dir: str, seed: int) -> tuple[dict, nd.Fold, nd.Fold, str]:
     """What a backbone pretrains on: the variant's unlabelled images and the originals of its train
     fold (labels unused; acquisition copies are for classifiers; valid, val and test judge the
@@ -85,7 +90,7 @@ def pretraining_data(variant_dir: str, seed: int) -> tuple[dict, nd.Fold, nd.Fol
         raise ValueError(f"pretraining needs at least 2 images; variant {variant_dir} has {len(images)}")
     order = np.random.default_rng(seed).permutation(len(images))
     images = nd.Fold(images.images[order], images.targets[order], images.ids[order])
-    n_valid = max(1, len(images) // 10)
+    n_valid = max(1, len(images) // PRETRAIN_HELD_OUT)
     fit_fold = nd.Fold(images.images[n_valid:], images.targets[n_valid:], images.ids[n_valid:])
     held = nd.Fold(images.images[:n_valid], images.targets[:n_valid], images.ids[:n_valid])
     return info, fit_fold, held, source
@@ -123,10 +128,10 @@ def pretrain(fold: nd.Fold, valid: nd.Fold, pixels: int, config: PretrainConfig,
 class TrainSettings:
     """Fixed settings of every trial (the seed's: Adam, batch 8)."""
 
-    epochs: int = 10
-    batch_size: int = 8
-    patience: int = 3
-    seed: int = 0
+    epochs: int = parameters.default("epochs")
+    batch_size: int = parameters.default("batch_size")
+    patience: int = parameters.default("patience")
+    seed: int = parameters.default("seed")
     precision: str = "auto"
 
     def __post_init__(self):
@@ -184,8 +189,11 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
     """Train one classifier on the prepared variant; save `model.keras` + `model.json` in out_dir.
 
     The decision threshold is chosen on the validation fold (Youden's J) and stored in
-    model.json with the configuration, so evaluation applies the same rule.
+    model.json with the configuration, so evaluation applies the same rule; `curve.png` beside
+    `history.csv` shows the losses and the validation AUC by epoch, the best epoch marked.
     """
+    from neumo import figures
+
     set_seed(settings.seed)
     # Training streams its shards (memory stays flat however large the fold); only the targets
     # (for class weights) and the validation fold (for the threshold) are held.
@@ -210,6 +218,9 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
     valid_ds = nd.stream_dataset(variant_uri, "valid", settings.batch_size)
     curve, seconds = fit(clf, train_ds, valid_ds, settings.epochs, "val_auc", "max", settings.patience, out_dir, "trial",
                           checkpoint_uri)
+    figures.curve_png(curve, os.path.join(out_dir, "curve.png"), ylabel=f"loss ({cfg.loss})", metric="auc",
+                      best_by="val_auc", mode="max",
+                      title=f"classifier: model {cfg.model}, {cfg.pixels} px, mask={cfg.mask}, lr {cfg.learning_rate:g}")
     best = int(np.argmax(curve["val_auc"]))
     probs = predict(clf, valid, settings.batch_size)
     threshold = evaluation.youden_threshold(valid.targets, probs)
