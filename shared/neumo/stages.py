@@ -49,10 +49,8 @@ def fingerprint(*, dataset_uri: str, masks_uri: str = D["masks_uri"], pretrain_u
         if not base:
             continue
         h.update(f"{base}\n".encode("utf-8", "surrogateescape"))
-        versions = {uri: (size, version) for uri, size, version in storage.list_versions(base)}
-        for e in storage.walk(base).entries:
-            size, version = versions.get(e.uri, ("", ""))
-            h.update(f"{e.rel}\t{e.status}\t{e.reason}\t{size}\t{version}\n".encode("utf-8", "surrogateescape"))
+        for e in storage.walk(base).entries:  # one listing: names, statuses, sizes and versions
+            h.update(f"{e.rel}\t{e.status}\t{e.reason}\t{e.size}\t{e.version}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 

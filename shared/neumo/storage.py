@@ -249,6 +249,8 @@ class Entry:
     rel: str
     status: str = ""
     reason: str = ""
+    size: int = 0  # bytes, for a file to read (0 otherwise)
+    version: int = 0  # generation on gs; locally mtime_ns | ctime_ns << 64 | inode << 128 (see list_versions)
 
 
 @dataclass(frozen=True)
@@ -294,31 +296,30 @@ def walk(uri: str) -> Walk:
     """
     kind, _, key = _parse(uri)
     if kind == "local":
-        found, folders = _walk_local(uri, key)
-        return Walk([e for e, _, _ in found], folders)
+        return Walk(*_walk_local(uri, key))
     entries, folders = [], set()
-    for u in list_files(uri):
+    for u, size, version in list_versions(uri):
         try:
             rel = relative(u, uri)
         except ValueError:
             entries.append(Entry(u, "", "rejected", UNSAFE_NAME))
             continue
         skip = skip_reason(rel)
-        entries.append(Entry(u, rel, "skipped" if skip else "", skip))
+        entries.append(Entry(u, rel, "skipped" if skip else "", skip, size, version))
         parts = rel.split("/")
         folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
     return Walk(entries, sorted(folders))
 
 
-def _walk_local(uri: str, root: str) -> tuple[list[tuple[Entry, int, int]], list[str]]:
-    """(entry, size, mtime in ns) for every entry under the local folder ``root`` (see walk), and
-    the folders walked. os.scandir, not os.walk: os.walk drops what it cannot list and follows
+def _walk_local(uri: str, root: str) -> tuple[list[Entry], list[str]]:
+    """Every entry under the local folder ``root`` (see walk), with its size and version (see
+    list_versions), and the folders walked. os.scandir, not os.walk: os.walk drops what it cannot list and follows
     either every folder link or none."""
     as_uri = _scheme(os.fspath(uri)) == "file"
     prefix = uri if uri.endswith("/") else uri + "/"
     real_root = os.path.realpath(root)
     inside_prefix = real_root if real_root.endswith(os.sep) else real_root + os.sep
-    found: list[tuple[Entry, int, int]] = []
+    found: list[Entry] = []
     folders: list[str] = []
 
     def add(rel: str, status: str = "", reason: str = "", st: os.stat_result | None = None) -> None:
@@ -326,7 +327,8 @@ def _walk_local(uri: str, root: str) -> tuple[list[tuple[Entry, int, int]], list
         if skip:  # hidden or system: never read, whatever it is
             status, reason = "skipped", skip
         name = quote(os.fsencode(rel)) if as_uri else rel
-        found.append((Entry(prefix + name, rel, status, reason), st.st_size if st else 0, (st.st_mtime_ns | st.st_ctime_ns << 64 | st.st_ino << 128) if st else 0))
+        version = st.st_mtime_ns | st.st_ctime_ns << 64 | st.st_ino << 128 if st else 0
+        found.append(Entry(prefix + name, rel, status, reason, st.st_size if st else 0, version))
 
     def regular(rel: str, st: os.stat_result) -> None:
         if stat.S_ISREG(st.st_mode):
@@ -377,7 +379,7 @@ def _walk_local(uri: str, root: str) -> tuple[list[tuple[Entry, int, int]], list
                     regular(rel, item.stat(follow_symlinks=False))
             except OSError as err:  # a file in a folder that can be listed but not entered, say
                 add(rel, "rejected", f"unreadable: {err.strerror or err}")
-    found.sort(key=lambda t: t[0].uri)
+    found.sort(key=lambda e: e.uri)
     return found, sorted(folders)
 
 
@@ -394,18 +396,19 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
 
 
 def list_versions(uri: str, suffixes: tuple[str, ...] | None = None) -> list[tuple[str, int, int]]:
-    """Like list_files, with each file's size and version: (uri, bytes, generation on gs or
-    modification time in ns locally). A cheap fingerprint of a folder: nothing is read."""
+    """Like list_files, with each file's size and version: (uri, bytes, generation on gs; locally
+    mtime_ns | ctime_ns << 64 | inode << 128, so a rewrite that puts the old mtime back still
+    changes it). A cheap fingerprint of a folder: nothing is read."""
     kind, bucket, key = _parse(uri)
     ends = tuple(s.lower() for s in suffixes) if suffixes else None
     out: list[tuple[str, int, int]] = []
     if kind == "local":
         found, _ = _walk_local(uri, key)
-        rejected = [e for e, _, _ in found if e.status == "rejected"]
+        rejected = [e for e in found if e.status == "rejected"]
         if rejected:
             logger.warning("listing %s: %d entries not listed, such as %r (%s); storage.walk says why for each",
                            uri, len(rejected), rejected[0].rel, rejected[0].reason)
-        return [(e.uri, size, version) for e, size, version in found
+        return [(e.uri, e.size, e.version) for e in found
                 if not e.status and (ends is None or e.rel.lower().endswith(ends))]
     prefix = key if not key or key.endswith("/") else key + "/"
     with _gcs_errors(uri):
