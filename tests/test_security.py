@@ -116,9 +116,10 @@ def test_ingest_refuses_escaping_object_names_without_reading_them(gcs_bucket, m
     synthetic.write_kaggle(base, {"train": (2, 2)}, size=64, seed=1)
     evil = [f"{base}/train/NORMAL/../../../etc/x.jpeg", f"{base}/train/NORMAL/./x.jpeg",
             f"{base}//train/NORMAL/x.jpeg", f"{base}/train/NORMAL/..", f"{base}/train/NORMAL/x\0.jpeg"]
-    real_list, real_read = storage.list_files, storage.read_bytes
+    real_list, real_read = storage.list_versions, storage.read_bytes
     read = []
-    monkeypatch.setattr(storage, "list_files", lambda uri, suffixes=None: sorted(real_list(uri, suffixes) + evil))
+    monkeypatch.setattr(storage, "list_versions",
+                        lambda uri, suffixes=None: sorted(real_list(uri, suffixes) + [(u, 10, 1) for u in evil]))
     monkeypatch.setattr(storage, "read_bytes", lambda uri: read.append(uri) or real_read(uri))
     manifest, report, summary = ingest.scan(ingest.IngestConfig(base))
     rejected = {r["uri"]: r["reason"] for r in report if r["status"] == "rejected"}
