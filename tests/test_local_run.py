@@ -122,7 +122,7 @@ def test_the_view_keeps_the_project_lines_and_the_reason():
         "I0000 00:00:1796121303.389503   30307 cpu_feature_guard.cc:227] This TensorFlow binary is optimized\n",
         "task_executor.py:100: UserWarning: Task 'ingest': settings [...] have no effect in the current local runner\n",
         "    Traceback (most recent call last):\n",
-        '      File "/work/main/shared/neumo/ingest.py", line 148, in scan\n',
+        '      File "/src/shared/neumo/ingest.py", line 148, in scan\n',
         "    ValueError: no files under '/nope': check the dataset URI\n",
         "10:34:23.494 - ERROR - Task 'ingest' finished with status FAILURE\n",
         "2026-12-01 10:34:23,494 root INFO Skipping task plan: upstream task(s) ['ingest'] failed.\n",
