@@ -22,7 +22,6 @@ import threading
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "CLAHE_CLIPS",
@@ -32,7 +31,9 @@ __all__ = [
     "MIN_SIDE",
     "apply_mask",
     "clahe_limit",
+    "check_dimensions",
     "decode",
+    "decode_with_header",
     "image_size",
     "mask_input",
     "mask_qa",
@@ -180,14 +181,13 @@ def image_size(data: bytes) -> tuple[int, int]:
     if buf.startswith(b"\xff\xd8"):
         return _jpeg_size(buf)
     raise ImageError(f"unsupported or undecodable image data ({len(data)} bytes, starts with {buf[:8]!r}): "
-                     "only PNG and JPEG are accepted")
+                     "only PNG and JPEG images and DICOM files are accepted")
 
 
-def _check_size(data: bytes, max_pixels: int, min_side: int, max_aspect: float = 0.0) -> None:
-    """Refuse, from the header alone, images too large to decode safely, too small or too elongated
-    to use (``max_aspect`` 0: any shape), and JPEGs of a sample precision OpenCV cannot decode."""
-    buf = _as_bytes(data)
-    width, height, precision, marker = _jpeg_frame(buf) if buf.startswith(b"\xff\xd8") else (*image_size(buf), 8, 0)
+def check_dimensions(width: int, height: int, max_pixels: int = MAX_PIXELS, min_side: int = 0,
+                     max_aspect: float = 0.0) -> None:
+    """Refuse, from a header's width and height, images too large to decode safely ("too large"),
+    too small ("too small") or too elongated ("extreme aspect ratio"; ``max_aspect`` 0: any shape)."""
     if width * height > max_pixels:
         raise ImageError(f"too large: the header declares {width}x{height} = {width * height / 1e6:.0f} megapixels, "
                          f"over the limit of {max_pixels / 1e6:g} (decompression-bomb guard); not decoded")
@@ -197,6 +197,14 @@ def _check_size(data: bytes, max_pixels: int, min_side: int, max_aspect: float =
         ratio = max(width, height) / min(width, height)
         raise ImageError(f"extreme aspect ratio {ratio:.3g}:1 ({width}x{height} pixels): over {max_aspect:g}:1, "
                          "not a chest radiograph, and the seed's square resize would squash it")
+
+
+def _check_size(data: bytes, max_pixels: int, min_side: int, max_aspect: float = 0.0) -> None:
+    """Refuse, from the header alone, images too large to decode safely, too small or too elongated
+    to use (``max_aspect`` 0: any shape), and JPEGs of a sample precision OpenCV cannot decode."""
+    buf = _as_bytes(data)
+    width, height, precision, marker = _jpeg_frame(buf) if buf.startswith(b"\xff\xd8") else (*image_size(buf), 8, 0)
+    check_dimensions(width, height, max_pixels, min_side, max_aspect)
     if precision != 8:  # libjpeg as OpenCV builds it decodes 8-bit samples only (12-bit: None, no reason)
         raise ImageError(f"{precision}-bit JPEG ({_JPEG_PROCESS[marker]}, SOF{marker - 0xC0}) is not supported by "
                          "OpenCV's decoder: convert it to an 8- or 16-bit PNG")
@@ -291,7 +299,9 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = 0, max_
     16-bit images become 8-bit by their real range (see :func:`_to_8bit`: 16-bit data as
     round(v / 257), 12-bit data as round(v * 255 / 4095)); palette PNGs are expanded to BGR(A).
     EXIF orientation is applied as ``cv2.imread`` does (for such files alpha is dropped,
-    which does not change the grey image). Only PNG and JPEG are read, and their header is
+    which does not change the grey image). PNG, JPEG and DICOM are read (DICOM told by its
+    content, not its name, and converted as :mod:`neumo.dicom` says: Modality LUT, VOI LUT or
+    window, MONOCHROME1 inverted), and their header is
     checked BEFORE any pixel is decoded: over ``max_pixels`` ("too large", a decompression
     bomb), a side under ``min_side`` ("too small"), a long side over ``max_aspect`` times the
     short one (0: no limit) or a JPEG sample precision other than 8 bits is refused. Raises
@@ -300,10 +310,30 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = 0, max_
     would return them with the damaged part grey). ``check_damage=False`` skips that watch
     (~10 us) for bytes already known good: verified against the sha256 of what ingest accepted.
     """
+    return decode_with_header(data, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect,
+                              check_damage=check_damage)[0]
+
+
+def decode_with_header(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = 0, max_aspect: float = 0.0,
+                       check_damage: bool = True) -> tuple[np.ndarray, dict]:
+    """(:func:`decode`'s image, what the file's header says beyond the pixels): for DICOM the dict of
+    :func:`neumo.dicom.decode` (patient_id, modality, ...), for PNG and JPEG an empty dict."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode expects bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise ImageError("empty image data (0 bytes)")
+    head = bytes(data[:8])
+    if not (head.startswith(_PNG_SIGNATURE) or head.startswith(b"\xff\xd8")):
+        from neumo import dicom  # imports pydicom: only for bytes that are neither PNG nor JPEG
+
+        if dicom.is_dicom(data):
+            return dicom.decode(data, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
+    return _decode_png_jpeg(data, max_pixels, min_side, max_aspect, check_damage), {}
+
+
+def _decode_png_jpeg(data: bytes, max_pixels: int, min_side: int, max_aspect: float,
+                     check_damage: bool) -> np.ndarray:
+    """:func:`decode` for PNG and JPEG (anything else: ImageError from the header check)."""
     _check_size(data, max_pixels, min_side, max_aspect)
     buf = np.frombuffer(data, dtype=np.uint8)
     damage = ""
@@ -463,18 +493,30 @@ def _check_shape(shape: object) -> tuple[int, int]:
 
 
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """8-connected components of a bool (H,W) mask: (count, labels, areas indexed by label-1)."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    return count - 1, labels, stats[1:, cv2.CC_STAT_AREA]
+    """8-connected components of a bool (H,W) mask (scikit-image's labelling): (count, labels,
+    areas indexed by label-1)."""
+    from skimage import measure
+
+    labels, count = measure.label(mask, connectivity=2, return_num=True)
+    return count, labels, np.bincount(labels.ravel(), minlength=count + 1)[1:]
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """A bool (H,W) mask with its holes filled: background parts (4-connected) that do not touch
+    the image border (scikit-image's labelling and border clearing)."""
+    from skimage import measure, segmentation
+
+    holes = segmentation.clear_border(measure.label(~mask, connectivity=1)) > 0
+    return mask | holes
 
 
 def postprocess_mask(prob: np.ndarray, shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
     """Probabilities (h,w)/(h,w,1) in [0,1] -> bool shape=(H,W): resized, > threshold, filled, 2 largest parts.
 
     The probabilities are resized with cv2.resize (INTER_LINEAR), thresholded (strictly
-    greater), holes are filled (scipy.ndimage.binary_fill_holes) and only the two largest
-    8-connected components (the lungs) are kept; fewer components are kept as they are.
+    greater), holes are filled (:func:`fill_holes`) and only the two largest 8-connected components
+    (the lungs) are kept; fewer components are kept as they are: the seed's "remove holes and
+    extra labels", with scikit-image.
     """
     height, width = _check_shape(shape)
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
@@ -486,7 +528,7 @@ def postprocess_mask(prob: np.ndarray, shape: tuple[int, int], threshold: float 
     if arr.ndim != 2 or arr.size == 0:
         raise ValueError(f"prob must be (h,w) or (h,w,1), got shape {np.shape(prob)}")
     resized = cv2.resize(arr.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    binary = ndimage.binary_fill_holes(resized > threshold)
+    binary = fill_holes(resized > threshold)
     count, labels, areas = _components(binary)
     if count <= 2:
         return binary

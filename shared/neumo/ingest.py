@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+#: PNG and JPEG, and DICOM (told apart by content when decoded: imaging.decode_with_header).
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
 MANIFEST_COLUMNS = ["id", "uri", "split", "fold", "label", "target", "patient_id", "width", "height",
                     "bytes", "checksum", "mask_uri"]
 REPORT_COLUMNS = ["uri", "status", "reason", "id"]
@@ -161,7 +162,8 @@ def scan(config: IngestConfig) -> tuple[list[dict], list[dict], dict]:
 
 
 def _read_one(uri, file_id, split, label, seen, masks_uri, sharing=1, size=None):
-    """(manifest row or None, status, reason) for one candidate file; `sharing`: how many
+    """(manifest row or None, status, reason) for one candidate file (the patient: a DICOM header's
+    PatientID when it has one, else the file-name rule of patient_id); `sharing`: how many
     candidates share its folder and stem (more than one: a mask found by stem is ambiguous);
     `size`: its size from the listing, if known (over MAX_FILE_BYTES it is refused unread)."""
     try:
@@ -174,7 +176,8 @@ def _read_one(uri, file_id, split, label, seen, masks_uri, sharing=1, size=None)
     if checksum in seen:
         return None, "duplicate", f"same bytes as {seen[checksum]}"
     try:  # the header is checked first: bombs, tiny images, strips and 12-bit JPEGs are never decoded
-        grey = imaging.to_grey(imaging.decode(data, min_side=imaging.MIN_SIDE, max_aspect=imaging.MAX_ASPECT))
+        image, header = imaging.decode_with_header(data, min_side=imaging.MIN_SIDE, max_aspect=imaging.MAX_ASPECT)
+        grey = imaging.to_grey(image)
     except imaging.ImageError as err:
         return None, "rejected", str(err)
     seen[checksum] = file_id
@@ -183,7 +186,7 @@ def _read_one(uri, file_id, split, label, seen, masks_uri, sharing=1, size=None)
         mask_uri, reason = _find_mask(masks_uri, file_id, grey.shape, sharing)
     row = {
         "id": file_id, "uri": uri, "split": split, "fold": "", "label": label,
-        "target": CLASSES.index(label) if label else -1, "patient_id": patient_id(file_id),
+        "target": CLASSES.index(label) if label else -1, "patient_id": header.get("patient_id") or patient_id(file_id),
         "width": grey.shape[1], "height": grey.shape[0], "bytes": len(data), "checksum": checksum,
         "mask_uri": mask_uri,
     }
