@@ -3,8 +3,10 @@
   (a) the lung-mask U-Net (256 px), trained on kermany_224 image + mask pairs of patients NOT in
       kermany_full_res, scored (Dice, IoU) on the 200 full-size images at their original size
       after the seed's post-processing;
-  (b) the pretrained encoder against a randomly initialised one under the same classifier
-      (head 2, backbone fully frozen), on the patient-level valid fold of kermany_224/train;
+  (b) the pretraining task under the same classifier (head 2, backbone fully frozen, same budget)
+      over several seeds: the seed's identity autoencoder on the unlabelled NIH images only (every
+      skip), our restoration task on NIH + the train fold's images (top skip dropped), and a
+      randomly initialised encoder; on the patient-level valid fold of kermany_224/train;
   (c) the classifier trained in full (head 1, backbone fine-tuned, strong augmentation, class
       weights, the pipeline's one acquisition copy of each train image) on the valid fold at the
       validation-chosen threshold, then under acquisition shifts applied to the raw images
@@ -12,7 +14,7 @@
       threshold stored with the model is chosen on the same valid fold, so a cross-fitted column
       also judges each half of the valid patients at the threshold chosen on the other half.
 
-    python -m benchmarks.science [--only a,b,c] [--pixels 128] [--work work/science]
+    python -m benchmarks.science [--only a,b,c] [--pixels 128] [--work work/science] [--seeds 0,1,2]
 
 Prints a Markdown table of every figure with its interval and how long each training took, and
 writes results.json in the work folder.
@@ -33,7 +35,6 @@ import numpy as np
 
 from neumo import data as nd
 from neumo import evaluation, imaging, ingest, masking, models, shifts, stages, storage, training
-from neumo.fitting import set_seed
 from neumo.trial import TrialConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +42,15 @@ SHARED = ROOT.parent / "shared" / "data"
 logger = logging.getLogger("benchmarks.science")
 
 
+#: The unlabelled set: the 992 NIH images of nih_cxr14_extra (the seed pretrains on NIH).
+UNLABELLED = "nih_cxr14_extra"
+
+
 def _manifest(work: Path) -> list[dict]:
     out = work / "manifest"
     if not (out / stages.MANIFEST).exists():
         stages.ingest(dataset_uri=str(SHARED / "kermany_224"), masks_uri=str(SHARED / "kermany_224_lung_masks"),
-                      pretrain_uri=str(SHARED / "nih_sample"), seed=0, out_dir=str(out))
+                      pretrain_uri=str(SHARED / UNLABELLED), seed=0, out_dir=str(out))
     return stages.load_manifest(str(out))
 
 
@@ -103,24 +108,40 @@ def _summary(targets, probs, threshold) -> dict:
             **{f"{k}_ci": list(ci[k]) for k in ("auc", "sensitivity", "specificity")}}
 
 
-def pretraining(work: Path, pixels: int, pretrain_epochs: int, epochs: int) -> dict:
+#: The arms of (b): name -> (pretrain_task, pretrain_data).
+ARMS = {"identity (seed)": ("identity", "unlabelled"), "restore (ours)": ("restore", "unlabelled+train"),
+        "random init": ("none", "unlabelled")}
+
+
+def pretraining(work: Path, pixels: int, pretrain_epochs: int, epochs: int, seeds: list[int]) -> dict:
+    """(b): each arm's backbone pretrained with each seed, then the same frozen classifier (head 2,
+    the whole backbone frozen, `epochs` epochs, the same seed) on it; valid-fold metrics per seed."""
     variant = _variant(work, pixels)
-    pretrained, info = _pretrained(work, variant, pretrain_epochs)
-    random_init = str(work / "random_init.keras")
-    set_seed(0)
-    models.build_unet(pixels, 4, 16, "linear", 1, name="autoencoder").save(random_init)
     frozen = len([layer for layer in models.build_backbone(models.build_unet(pixels, 4, 16)).layers if layer.weights])
-    cfg = TrialConfig(pixels, False, 2, frozen, 1e-3, "bce", "none", True)
-    settings = training.TrainSettings(epochs=epochs, patience=epochs, seed=0)
+    cfg = TrialConfig(pixels, False, 2, frozen, 1e-3, "bce", "none", False)
     valid = nd.load_fold(variant, "valid")
-    out = {"pretrain": {k: info[k] for k in ("images", "source", "best_val_loss", "seconds")}}
-    probs = {}
-    for name, backbone in (("pretrained", pretrained), ("random_init", random_init)):
-        result, model, seconds = _train(cfg, settings, variant, backbone, work / f"frozen_{name}")
-        probs[name] = training.predict(model, valid)
-        out[name] = {**_summary(valid.targets, probs[name], result.threshold), "train_seconds": round(seconds, 1)}
-    out["paired_auc"] = evaluation.paired_bootstrap_auc(valid.targets, probs["pretrained"], probs["random_init"], n=1000)
-    out["config"] = asdict(cfg)
+    out = {"config": asdict(cfg), "epochs": epochs, "pretrain_epochs": pretrain_epochs, "arms": {}}
+    probs: dict[str, list[np.ndarray]] = {}
+    for name, (task, data) in ARMS.items():
+        runs = []
+        for seed in seeds:
+            where = work / f"arm-{task}-{seed}"
+            info = stages.pretrain(variant_dir=variant, out_dir=str(where / "backbone"), depth=4, filters=16,
+                                   pretrain_epochs=pretrain_epochs, seed=seed, pretrain_task=task, pretrain_data=data)
+            settings = training.TrainSettings(epochs=epochs, patience=epochs, seed=seed)
+            result, model, seconds = _train(cfg, settings, variant, str(where / "backbone" / "autoencoder.keras"),
+                                            where / "classifier")
+            p = training.predict(model, valid)
+            probs.setdefault(name, []).append(p)
+            runs.append({"seed": seed, **_summary(valid.targets, p, result.threshold),
+                         "pretrain_images": info["images"], "pretrain_seconds": info["seconds"],
+                         "train_seconds": round(seconds, 1)})
+            logger.info("(b) %s seed %d: AUC %.4f", name, seed, runs[-1]["auc"])
+        out["arms"][name] = runs
+    mean = {name: np.mean(p, axis=0) for name, p in probs.items()}  # the seeds' average probability
+    out["paired_auc"] = {f"{a} - {b}": evaluation.paired_bootstrap_auc(valid.targets, mean[a], mean[b], n=1000)
+                         for a, b in (("restore (ours)", "identity (seed)"), ("identity (seed)", "random init"),
+                                      ("restore (ours)", "random init"))}
     return out
 
 
@@ -189,17 +210,25 @@ def report(res: dict) -> str:
                   f"{m['train_seconds'] / 60:.1f} min |", ""]
     if "pretraining" in res:
         p = res["pretraining"]
-        lines += ["| frozen backbone, head 2, valid fold | AUC (95% CI) | sensitivity | specificity | time |",
-                  "|---|---|---|---|---|"]
-        for name in ("pretrained", "random_init"):
-            d = p[name]
-            lines.append(f"| {name} | {_fmt_ci(d, 'auc')} | {d['sensitivity']:.3f} | {d['specificity']:.3f} | "
-                         f"{d['train_seconds'] / 60:.1f} min |")
-        d = p["paired_auc"]
-        p_text = "p < 0.001" if d["p_value"] < 0.001 else f"p = {d['p_value']:.3f}"  # 1000 bootstrap draws
-        lines += [f"| difference (paired bootstrap) | {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f}), "
-                  f"{p_text} | | | pretraining {p['pretrain']['seconds'] / 60:.1f} min on "
-                  f"{p['pretrain']['images']} images |", ""]
+        seeds = ", ".join(str(r["seed"]) for r in next(iter(p["arms"].values())))
+        lines += [f"| pretraining, then the same frozen classifier (head 2, {p['epochs']} epochs), valid fold, "
+                  f"seeds {seeds} | AUC: mean (range over seeds) | AUC 95% CI, seed {seeds[0]} | sensitivity | "
+                  "specificity | pretraining images | time per seed |", "|---|---|---|---|---|---|---|"]
+
+        def cell(values, digits=3) -> str:
+            return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+        for name, runs in p["arms"].items():
+            first = runs[0]
+            minutes = np.mean([r["pretrain_seconds"] + r["train_seconds"] for r in runs]) / 60
+            lines.append(f"| {name} | {cell([r['auc'] for r in runs])} | {first['auc']:.3f} ({first['auc_ci'][0]:.3f}-"
+                         f"{first['auc_ci'][1]:.3f}) | {cell([r['sensitivity'] for r in runs])} | "
+                         f"{cell([r['specificity'] for r in runs])} | {first['pretrain_images']} | {minutes:.1f} min |")
+        for label, d in p["paired_auc"].items():
+            p_text = "p < 0.001" if d["p_value"] < 0.001 else f"p = {d['p_value']:.3f}"  # 1000 bootstrap draws
+            lines.append(f"| {label}, seeds' mean probability (paired bootstrap) | {d['difference']:+.3f} "
+                         f"({d['low']:+.3f} to {d['high']:+.3f}), {p_text} | | | | | |")
+        lines.append("")
     if "best" in res:
         b = res["best"]
         v = b["valid"]
@@ -252,6 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--acquisition-copies", type=int, default=1, help="for (c): the pipeline's default")
     p.add_argument("--seed", type=int, default=0, help="for (c): the training seed")
+    p.add_argument("--seeds", default="0,1,2", help="for (b): the seeds of each arm")
     p.add_argument("--summarise", nargs="+", metavar="RESULTS_JSON",
                    help="only print the summary of part (c) over these results.json files (copies of several runs)")
     args = p.parse_args(argv)
@@ -271,7 +301,8 @@ def main(argv=None) -> int:
         res["masks"] = lung_masks(work, rows, args.mask_epochs, args.mask_images)
         results_path.write_text(json.dumps(res, indent=2))
     if "b" in parts:
-        res["pretraining"] = pretraining(work, args.pixels, args.pretrain_epochs, args.frozen_epochs)
+        res["pretraining"] = pretraining(work, args.pixels, args.pretrain_epochs, args.frozen_epochs,
+                                         [int(x) for x in args.seeds.split(",")])
         results_path.write_text(json.dumps(res, indent=2))
     if "c" in parts:
         res["best"] = best_classifier(work, rows, args.pixels, args.pretrain_epochs, args.epochs,

@@ -62,18 +62,18 @@ def resolve_images(registry: str | None, tag: str | None) -> Images:
     return Images(**{f: pushed.get(f, f"{registry}/neumo-{f}:{tag}") for f in ("cpu", "gpu")})
 
 
-def parameter_list() -> str:
-    """Every parameter with its default and meaning, for --help (from the declaration)."""
+def parameter_list(declared=parameters.PARAMETERS) -> str:
+    """Every parameter (of `declared`) with its default and meaning, for --help (from the declaration)."""
     lines = ["parameters (--set NAME=VALUE; declared in shared/neumo/parameters.py):"]
-    for p in parameters.PARAMETERS:
+    for p in declared:
         default = "required" if p.required else json.dumps(p.default)
         lines.append(f"  {p.name} = {default}{'  [compile time]' if p.graph else ''}\n      {p.help}")
     lines.append(f"presets (--preset NAME): {', '.join(parameters.PRESETS)}; `neumo preset NAME` prints one")
     return "\n".join(lines)
 
 
-def build_parser(doc: str, single: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, epilog=parameter_list(),
+def build_parser(doc: str, single: bool, kind: str = "train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, epilog=parameter_list(parameters.of(kind)),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if single:
         p.add_argument("--config", metavar="FILE", help="the trial configuration (JSON; configs/ has examples)")
@@ -88,10 +88,11 @@ def build_parser(doc: str, single: bool) -> argparse.ArgumentParser:
     p.add_argument("--params", "--params-file", dest="params", metavar="FILE", help="a JSON file of parameter values")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="one parameter's value (JSON for search_space and config); repeatable")
-    if not single:
+    if not single and kind == "train":
         p.add_argument("--rounds", type=int, help="tuning rounds (compile time)")
         p.add_argument("--trials-per-round", "--trials", dest="trials_per_round", type=int,
                        help="trials per round (compile time)")
+    if not single:
         p.add_argument("--parallelism", type=int, help="tasks of one loop running at once (compile time)")
     p.add_argument("--registry", help="image registry (default: images/pushed.json from `make push`, else "
                    f"{placeholders.REGISTRY})")
@@ -156,10 +157,12 @@ def check(values: dict) -> None:
         TrialConfig.from_dict(values["config"])
 
 
-def main(factory, *, name: str, doc: str, argv=None, single: bool = False) -> int:
+def main(factory, *, name: str, doc: str, argv=None, single: bool = False, kind: str = "train") -> int:
     """The command line over a pipeline factory (`create_pipeline` of pipelines/full.py).
-    `single`: one configuration (--config FILE), no tuning: a graph of one round of one trial."""
-    args = build_parser(doc, single).parse_args(argv)
+    `single`: one configuration (--config FILE), no tuning: a graph of one round of one trial.
+    `kind`: whose parameters the pipeline takes (neumo.parameters.of: "train" or "predict")."""
+    args = build_parser(doc, single, kind).parse_args(argv)
+    own = parameters.of(kind)
     # From the command line, a local run shows the project's lines and logs the rest to a file (run_logged);
     # a caller passing argv, -v, and the child run_logged starts get everything here (run_local).
     logged = args.local and not args.verbose and argv is None
@@ -179,23 +182,33 @@ def main(factory, *, name: str, doc: str, argv=None, single: bool = False) -> in
                 raise ValueError("--config FILE is required: the trial configuration to train (see configs/)")
             values["config"] = given["config"] = parameters.parse("config", read_config(args.config))
             values.update(rounds=1, trials_per_round=1, parallelism=1)
-        check(values)
+        foreign = sorted(set(given) - {p.name for p in own})
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: not a parameter of {name} (its parameters: "
+                             f"{', '.join(p.name for p in own)})")
+        if kind == "train":
+            check(values)
         # Retries are for preempted pods on a cluster; a local run fails fast instead.
         retries = 0 if args.local and args.compile is None else args.retries
         placement = Placement(gpu_type=args.gpu_type, gpu_limit=args.gpu_limit, gpu_node_selector=(key, value),
                               retries=retries)
     except ValueError as err:
         raise SystemExit(f"{name}: {err}") from None
-    graph = {p.name: values.pop(p.name) for p in parameters.GRAPH}
+    graph = {p.name: values[p.name] for p in own if p.graph}
+    values = {p.name: values[p.name] for p in own if not p.graph}
     images = resolve_images(args.registry, args.image_tag)
     pipeline = factory(**graph, values=values, placement=placement, images=images, name=name)
     # the local runner takes the parameters as arguments; the compiled YAML has them as defaults
     if args.compile is not None or remote:
-        compile_to(pipeline, args.compile or "", name, images, remote, args, given)
+        compile_to(pipeline, args.compile or "", name, images, remote, args, {k: given[k] for k in given if k in values})
     if args.local:
         workdir = Path(args.workdir).resolve()
-        values["results_uri"] = values["results_uri"] or str(workdir / "results")
-        if not values["dataset_uri"]:
+        if "results_uri" in values:
+            values["results_uri"] = values["results_uri"] or str(workdir / "results")
+        missing = [p.name for p in own if p.required and not p.graph and not values[p.name]]
+        if missing and kind != "train":
+            raise SystemExit(f"{missing[0]} is required: --set {missing[0]}=PATH_OR_GS_URI")
+        if missing:
             raise SystemExit("dataset_uri is required: --set dataset_uri=PATH_OR_GS_URI (or --params FILE, e.g. "
                              "the one `neumo demo-data` writes)")
         if logged:
@@ -233,7 +246,7 @@ def compile_to(pipeline, path: str, name: str, images: Images, remote: bool, arg
         if not remote or path:
             logger.info("wrote %s (images: %s, %s)", package, images.cpu, images.gpu)
         if remote:
-            submit(package, args, {k: v for k, v in given.items() if k in {p.name for p in parameters.RUN_TIME}})
+            submit(package, args, given)
 
 
 def submit(package: str, args, params: dict) -> None:
@@ -273,7 +286,10 @@ def run_local(pipeline, values: dict, workdir: Path) -> None:
             if tasks.failed is None:
                 raise
             raise SystemExit(f"FAILED: task {tasks.failed}; its error is in the output above") from None
-        results = values["results_uri"]
+        results = values.get("results_uri")
+        if not results:
+            logger.info("done. Every artifact is under %s", workdir / "pipeline_root")
+            return
         logger.info("done. CSVs: %s/train_max_unsupervised.csv and %s/image_class_evaluation_unsupervised.csv; "
                     "models, report and every artifact under %s", results, results, workdir / "pipeline_root")
 

@@ -114,7 +114,8 @@ def test_ingest_config_errors(kwargs, match):
 @pytest.mark.parametrize("kwargs,match", [
     ({"learning_rate": 0}, "pretrain learning_rate must be > 0"),
     ({"epochs": 0}, "pretrain epochs must be >= 1"),
-    ({"corruption": "blur"}, "pretrain corruption must be 'none' or 'restore'"),
+    ({"task": "blur"}, "pretrain_task must be one of .*'restore', 'identity', 'none'"),
+    ({"data": "nih"}, "pretrain_data must be one of"),
 ])
 def test_pretrain_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

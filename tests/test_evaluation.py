@@ -39,6 +39,22 @@ def test_youden_picks_the_expected_point_on_a_known_roc():
     assert np.isfinite(th).all() and fpr[-1] == 1.0 and tpr[-1] == 1.0
 
 
+def test_threshold_policies():
+    t = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, *np.linspace(0.05, 0.95, 20)])
+    assert evaluation.choose_threshold(t, p, "youden") == evaluation.youden_threshold(t, p)
+    assert evaluation.choose_threshold(t, p, "0.5") == 0.5
+    th = evaluation.choose_threshold(t, p, "sensitivity_0.95")
+    sens = lambda x: np.mean(p[t == 1] >= x)  # noqa: E731
+    assert sens(th) >= 0.95 and all(sens(x) < 0.95 for x in np.unique(p) if x > th)  # the highest that keeps 0.95
+    assert th == pytest.approx(np.linspace(0.05, 0.95, 20)[1])  # 19 of 20 positives: the lowest one given up
+    assert evaluation.choose_threshold([1, 1], [0.2, 0.9], "sensitivity_0.95") == 0.5
+    assert set(evaluation.THRESHOLD_POLICIES) == {"youden", "0.5", "sensitivity_0.95"}
+    with pytest.raises(ValueError, match="threshold_policy must be one of"):
+        evaluation.choose_threshold(t, p, "f1")
+    assert evaluation.metrics([0, 1], [0.5, 0.5], evaluation.KERAS_THRESHOLD)["accuracy"] == 0.5  # p > 0.5, as Keras
+
+
 def test_youden_without_both_classes_is_one_half():
     assert evaluation.youden_threshold([1, 1], [0.2, 0.9]) == 0.5
 

@@ -73,6 +73,32 @@ def test_freeze_counts_weighted_layers():
         models.freeze(backbone, total + 1)
 
 
+def test_freeze_by_keras_index_as_the_seed_counted():
+    """count="keras": backbone.layers[:n], the input, activations and poolings included."""
+    backbone = models.build_backbone(models.build_unet(64, 3, 4))
+    total = models.freeze(backbone, 8, "keras")
+    assert total == len(backbone.layers)
+    assert [layer.trainable for layer in backbone.layers[:9]] == [False] * 8 + [True]
+    assert backbone.layers[7].name == "enc1_pool" and backbone.layers[8].name == "enc2_conv1_raw"
+    with pytest.raises(ValueError, match=r"frozen_layers must be in 0\.\.\d+ for this backbone \(keras layers\)"):
+        models.freeze(backbone, total + 1, "keras")
+    with pytest.raises(ValueError, match="frozen_layers_count must be one of"):
+        models.freeze(backbone, 1, "layers")
+
+
+def test_the_backbone_table_in_the_readme_is_the_code_s():
+    """README: The backbone lists every layer with both counts; it is generated from the code."""
+    from tests.conftest import REPO_ROOT
+
+    rows = models.backbone_table()
+    assert [r["tap"] for r in rows if r["tap"]] == ["tap 1", "tap 2", "tap 3"]
+    assert rows[0]["weighted"] == "" and rows[1]["weighted"] == 0 and rows[-1]["name"] == "bottleneck_conv2"
+    readme = (REPO_ROOT / "README.md").read_text()
+    for r in rows:
+        line = f"| {r['keras']} | {r['weighted']} | `{r['name']}` | {r['kind']} | {r['output']} | {r['tap']} |"
+        assert line in readme, line
+
+
 def test_a_few_training_steps_reduce_the_loss():
     """On synthetic X-rays, 30 steps of classifier training lower the training loss."""
     from neumo import imaging, synthetic

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import yaml
 
+from neumo import parameters
 from tests.conftest import REPO_ROOT
 
 STAGES = {"fingerprint", "ingest", "plan", "train-mask-model", "mask", "preprocess", "pretrain", "catalog", "suggest", "train",
@@ -139,9 +140,9 @@ def test_bad_compile_options_fail_clearly(tmp_path):
 TINY_SPACE = '{"mask": [false, true]}'  # the smoke preset's space, masked and not
 
 
-def _run_local(tmp_path, data, workdir, rounds, results):
-    """`pipelines/full.py --local` on the smoke preset as a person runs it; the lines it printed."""
-    args = ["--local", "--preset", "smoke", "--workdir", str(workdir), "--rounds", str(rounds), "--trials", "2",
+def _run_local(tmp_path, data, workdir, rounds, results, preset=("--preset", "smoke")):
+    """`pipelines/full.py --local` on the smoke preset (or `preset`) as a person runs it; the lines it printed."""
+    args = ["--local", *preset, "--workdir", str(workdir), "--rounds", str(rounds), "--trials", "2",
             "--set", f"dataset_uri={data / 'images'}", "--set", f"masks_uri={data / 'masks'}",
             "--set", f"pretrain_uri={data / 'nih'}", "--set", f"results_uri={results}",
             "--set", f"search_space={TINY_SPACE}"]
@@ -196,13 +197,34 @@ def test_whole_pipeline_runs_locally_and_a_second_run_continues(tmp_path):
     for row in eval_rows:
         assert all(row[k] != "" for k in ("n", "loss", "accuracy", "auc", "sensitivity", "specificity", "tn", "tp"))
 
+    ours = {"pretrain_task": "restore", "pretrain_data": "unlabelled+train", "acquisition_copies": "1",
+            "threshold_policy": "youden", "frozen_layers_count": "weighted"}
+    assert all({k: r[k] for k in ours} == ours for r in train_rows)
+
+    # the second run is the group's own experiment (`--preset seed`) at the smoke preset's sizes
     first_bytes = (out / results.TRAIN_CSV).read_bytes()
-    _run_local(tmp_path, data, tmp_path / "run2", 1, out)
+    smoke = {k: v for k, v in parameters.PRESETS["smoke"].items() if k != "search_space"}
+    (tmp_path / "tiny.json").write_text(json.dumps({**smoke, "search_space": {"pixels": [64]}}))
+    _run_local(tmp_path, data, tmp_path / "run2", 1, out, ("--preset", "seed", "--params", str(tmp_path / "tiny.json")))
     assert (out / results.TRAIN_CSV).read_bytes().startswith(first_bytes)  # earlier rows kept byte for byte
     with open(out / results.TRAIN_CSV) as fh:
         all_rows = list(csv.DictReader(fh))
     assert len(all_rows) == 6 and len({r["run_id"] for r in all_rows}) == 2
     assert len({tuple(r[k] for k in hyper) for r in all_rows}) == 6  # the second run repeated nothing
+    seeds = {"pretrain_task": "identity", "pretrain_data": "unlabelled", "acquisition_copies": "0",
+             "threshold_policy": "0.5", "frozen_layers_count": "keras", "class_weight": "False"}
+    for row in all_rows[4:]:
+        assert row["status"] == "ok", row["error"]
+        assert {k: row[k] for k in seeds} == seeds and row["threshold"] == "0.5"
+
+
+def test_the_seed_preset_compiles_the_groups_experiment(tmp_path):
+    spec, _ = _compile(tmp_path, "--preset", "seed")
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["search_space"]["pixels"] == [256, 512] and defaults["search_space"]["class_weight"] == [False]
+    assert (defaults["pretrain_task"], defaults["pretrain_data"]) == ("identity", "unlabelled")
+    assert (defaults["acquisition_copies"], defaults["threshold_policy"], defaults["frozen_layers_count"]) == (
+        0, "0.5", "keras")
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def csv_uri(request, tmp_path):
 def test_file_names():
     assert results.TRAIN_CSV == "train_max_unsupervised.csv"
     assert results.EVAL_CSV == "image_class_evaluation_unsupervised.csv"
-    assert len(set(TRAIN_COLUMNS)) == len(TRAIN_COLUMNS) == 29 and len(set(EVAL_COLUMNS)) == len(EVAL_COLUMNS) == 31
+    assert len(set(TRAIN_COLUMNS)) == len(TRAIN_COLUMNS) == 39 and len(set(EVAL_COLUMNS)) == len(EVAL_COLUMNS) == 37
 
 
 def test_append_creates_then_keeps_earlier_bytes(csv_uri):
@@ -76,17 +76,39 @@ def test_unknown_keys_are_dropped_with_a_warning(tmp_path, caplog):
     assert read_rows(uri)[0]["trial"] == "0"
 
 
-def test_an_old_header_is_kept_and_mapped_by_name(tmp_path, caplog):
+def test_a_header_with_every_column_is_kept_and_mapped_by_name(tmp_path):
     path = tmp_path / "old.csv"
-    old = b"trial,score,legacy_note\r\n7,0.5,kept\r\n8,0.6,also"  # CRLF, no final newline
+    old = ("legacy_note," + ",".join(reversed(TRAIN_COLUMNS)) + "\r\n" + "kept" + "," * len(TRAIN_COLUMNS)).encode()
+    path.write_bytes(old)  # CRLF, no final newline, another column order and one more column
+    append_rows(str(path), [_train_row(9, score=0.75)], TRAIN_COLUMNS)
+    data = path.read_bytes()
+    assert data.startswith(old) and data.count(b"\r\n") == 3
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["old.csv"]  # nothing to migrate
+    last = read_rows(str(path))[-1]
+    assert last["trial"] == "9" and last["score"] == "0.75" and last["legacy_note"] == ""
+
+
+def test_an_older_header_is_migrated_and_its_bytes_kept_in_a_dated_copy(tmp_path, caplog):
+    """A CSV from an older neumo lacks today's columns: its bytes go to a dated copy, byte for byte,
+    and the file gets the union of the columns, so neither an old value nor a new column is lost."""
+    path = tmp_path / "old.csv"
+    old = b"trial,score,legacy_note\r\n7,0.5,kept\r\n8,0.6,\"a, \"\"quoted\"\" note\""  # CRLF, no final newline
     path.write_bytes(old)
     with caplog.at_level("WARNING", logger="neumo.results"):
         append_rows(str(path), [_train_row(9, score=0.75)], TRAIN_COLUMNS)
-    data = path.read_bytes()
-    assert data.startswith(old)
-    assert data == old + b"\r\n9,0.75,\r\n"
-    assert "different header" in caplog.text and "run_id" in caplog.text
-    assert read_rows(str(path))[-1] == {"trial": "9", "score": "0.75", "legacy_note": ""}
+    copies = sorted(p for p in tmp_path.iterdir() if p.name != "old.csv" and not p.name.startswith("."))
+    assert len(copies) == 1 and copies[0].name.startswith("old.before-") and copies[0].suffix == ".csv"
+    assert copies[0].read_bytes() == old
+    rows = read_rows(str(path))
+    header = path.read_bytes().split(b"\r\n")[0].decode().split(",")
+    assert header[:3] == ["trial", "score", "legacy_note"] and set(header) == {"legacy_note", *TRAIN_COLUMNS}
+    assert [(r["trial"], r["score"], r["legacy_note"]) for r in rows] == [
+        ("7", "0.5", "kept"), ("8", "0.6", 'a, "quoted" note'), ("9", "0.75", "")]
+    assert rows[0]["run_id"] == "" and rows[2]["run_id"] == "run-1" and rows[2]["loss"] == "bce"
+    assert "migrating" in caplog.text and "run_id" in caplog.text and copies[0].name in caplog.text
+    # appending again with the same columns adds a row and makes no second copy
+    append_rows(str(path), [_train_row(10)], TRAIN_COLUMNS)
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2 and len(read_rows(str(path))) == 4
 
 
 def test_empty_existing_file_gets_a_header(tmp_path):

@@ -35,6 +35,31 @@ def test_pretraining_uses_unlabelled_and_train_images(variant):
     assert (root / "b" / "loss_curve.png").stat().st_size > 1000  # the reconstruction loss curves, as a picture
 
 
+@pytest.mark.parametrize("task,data", [("identity", "unlabelled"), ("none", "unlabelled+train")])
+def test_the_seeds_pretraining_and_the_random_control(variant, tmp_path, task, data):
+    """identity: the seed's plain autoencoder on the unlabelled set only, every skip kept; none: the
+    seeded random initialisation, untrained. pretrain.json says which, for every trial's row."""
+    import keras
+
+    root, _ = variant
+    info = stages.pretrain(variant_dir=str(root / "p"), out_dir=str(tmp_path), depth=2, filters=4, pretrain_epochs=1,
+                           pretrain_task=task, pretrain_data=data)
+    saved = json.loads((tmp_path / "pretrain.json").read_text())
+    assert (saved["task"], saved["data"]) == (task, data) == (info["task"], info["data"])
+    unet = keras.saving.load_model(str(tmp_path / "autoencoder.keras"), compile=False, safe_mode=True)
+    concats = [layer.name for layer in unet.layers if layer.name.endswith("_concat")]
+    if task == "identity":
+        assert info["source"] == "8 unlabelled + 0 train" and info["epochs"] == 1
+        assert concats == ["dec2_concat", "dec1_concat"]  # every skip: the seed's U-Net
+    else:
+        assert info["epochs"] == 0 and info["best_val_loss"] is None and not (tmp_path / "history.csv").exists()
+        assert concats == ["dec2_concat", "dec1_concat"]  # the decoder is never used: only the encoder matters
+        again = stages.pretrain(variant_dir=str(root / "p"), out_dir=str(tmp_path / "again"), depth=2, filters=4,
+                                pretrain_task="none")
+        other = keras.saving.load_model(str(tmp_path / "again" / "autoencoder.keras"), compile=False, safe_mode=True)
+        assert again["epochs"] == 0 and all(np.array_equal(a, b) for a, b in zip(unet.get_weights(), other.get_weights()))
+
+
 def test_corruption_keeps_shape_and_changes_the_input():
     import tensorflow as tf
 
@@ -109,6 +134,14 @@ def test_mixed_precision_trial_trains_and_saves(variant, tmp_path):
         training.TrainSettings(precision="half")
 
 
+def _catalog(root, tmp_path):
+    """The catalog of the fixture's one variant and its backbone."""
+    catalog = tmp_path / "catalog.json"
+    stages.catalog(variants=[{"uri": str(root / "p"), "pixels": 64, "mask": False}],
+                   backbones=[{"uri": str(root / "b"), "pixels": 64, "mask": False}], out_path=str(catalog))
+    return catalog
+
+
 def test_train_component_turns_a_failing_trial_into_a_failed_row(variant, tmp_path):
     """The component, called as KFP calls it: an impossible configuration (more frozen layers than
     the backbone has) yields a failed row with the reason; a good one an ok row; neither raises."""
@@ -117,18 +150,70 @@ def test_train_component_turns_a_failing_trial_into_a_failed_row(variant, tmp_pa
     from components.train.component import train
 
     root, _ = variant
-    catalog = tmp_path / "catalog.json"
-    stages.catalog(variants=[{"uri": str(root / "p"), "pixels": 64, "mask": False}],
-                   backbones=[{"uri": str(root / "b"), "pixels": 64, "mask": False}], out_path=str(catalog))
+    catalog = _catalog(root, tmp_path)
     good = {"pixels": 64, "mask": False, "model": 2, "frozen_layers": 0, "learning_rate": 1e-3, "loss": "bce",
             "augmentation": "none", "class_weight": False, "round": 1, "trial": 0}
     rows = {}
-    for name, config in (("ok", good), ("bad", {**good, "frozen_layers": 999, "trial": 1})):
+    cases = (("ok", good), ("bad", {**good, "frozen_layers": 999, "trial": 1}),
+             ("impossible", {**good, "pixels": 128, "trial": 2}))
+    for name, config in cases:
         model = dsl.Model(uri=str(tmp_path / name))
         rows[name] = json.loads(train.python_func(trial=config, catalog=dsl.Dataset(uri=str(catalog)), classifier=model,
                                                   epochs=1, batch_size=8, patience=3, seed=0, run_id="r1",
-                                                  results_uri=""))
+                                                  results_uri="", frozen_layers_count="keras",
+                                                  threshold_policy="sensitivity_0.95"))
         assert model.metadata["status"] == rows[name]["status"]
     assert rows["ok"]["status"] == "ok" and rows["ok"]["model_uri"] == str(tmp_path / "ok")
     assert rows["bad"]["status"] == "failed" and "frozen_layers must be in 0.." in rows["bad"]["error"]
     assert (rows["bad"]["round"], rows["bad"]["trial"], rows["bad"]["frozen_layers"]) == (1, 1, 999)
+    # every setting that changes what a trial sees or learns is in its row, ok or failed
+    recorded = {"clahe_clip": 40.0, "acquisition_copies": 1, "mask_model": "none", "mask_model_dice": "none",
+                "pretrain_task": "restore", "pretrain_data": "unlabelled+train", "pretrain_epochs": 2,
+                "pretrain_data_version": json.loads((root / "p" / "variant.json").read_text())["data_version"],
+                "frozen_layers_count": "keras", "threshold_policy": "sensitivity_0.95"}
+    for name in ("ok", "bad"):
+        assert {k: rows[name][k] for k in recorded} == recorded, name
+        assert rows[name]["pretrain_images"] == json.loads((root / "b" / "pretrain.json").read_text())["images"]
+    # a configuration with no prepared variant: its settings are unknown, and say so
+    assert rows["impossible"]["status"] == "failed" and "no prepared variant" in rows["impossible"]["error"]
+    assert rows["impossible"]["clahe_clip"] == rows["impossible"]["pretrain_task"] == stages.UNKNOWN
+    assert rows["impossible"]["threshold_policy"] == "sensitivity_0.95"
+    from neumo import results
+
+    for row in rows.values():
+        assert all(row.get(c) not in (None, "") for c in results.TRAIN_COLUMNS
+                   if c not in ("error", "git_revision", "image") and (row["status"] == "ok" or c in stages.CONTEXT_COLUMNS)), row
+    meta = json.loads((tmp_path / "ok" / "model.json").read_text())
+    assert (meta["threshold_policy"], meta["frozen_layers_count"]) == ("sensitivity_0.95", "keras")
+
+
+def test_evaluation_at_05_and_the_trials_own_loss_equal_keras_model_evaluate(variant, tmp_path):
+    """The seed scored with model.evaluate: its loss (here focal) and accuracy at 0.5. The evaluation
+    CSV carries that view, equal to Keras on the same model and images, beside the stored threshold's."""
+    import keras
+
+    from neumo import data as nd
+
+    root, _ = variant
+    catalog = _catalog(root, tmp_path)
+    config = {"pixels": 64, "mask": False, "model": 2, "frozen_layers": 0, "learning_rate": 3e-3, "loss": "focal",
+              "augmentation": "none", "class_weight": False, "round": 0, "trial": 0}
+    row = stages.train(trial=config, catalog_path=str(catalog), out_dir=str(tmp_path / "m"), epochs=2)
+    record = stages.evaluate(model_dir=str(tmp_path / "m"), catalog_path=str(catalog), train_row=row,
+                             out_dir=str(tmp_path / "e"), bootstrap=5)
+    model = keras.saving.load_model(str(tmp_path / "m" / "model.keras"), compile=False, safe_mode=True)
+    model.compile(loss=training.loss_function("focal"), metrics=[
+        keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.Recall(thresholds=0.5, name="sensitivity"),
+        keras.metrics.TrueNegatives(0.5, name="tn"), keras.metrics.FalsePositives(0.5, name="fp")])
+    by_split = {e["split"]: e for e in record["eval"]}
+    assert set(by_split) == {"test", "valid"}
+    for split, e in by_split.items():
+        keras_view = model.evaluate(nd.make_dataset(nd.load_fold(str(root / "p"), split), 4), verbose=0,
+                                    return_dict=True)
+        assert e["loss_function"] == "focal" and e["loss"] == pytest.approx(keras_view["loss"], abs=1e-5)
+        assert e["bce"] != pytest.approx(e["loss"], abs=1e-4)  # cross-entropy, kept beside it for comparisons
+        assert e["accuracy_at_0.5"] == pytest.approx(keras_view["accuracy"], abs=1e-6)
+        assert e["sensitivity_at_0.5"] == pytest.approx(keras_view["sensitivity"], abs=1e-6)
+        tn, fp = keras_view["tn"], keras_view["fp"]
+        assert e["specificity_at_0.5"] == pytest.approx(tn / (tn + fp), abs=1e-6)
+        assert e["threshold"] == row["threshold"] and e["threshold_policy"] == "youden"

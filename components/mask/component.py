@@ -14,4 +14,5 @@ def mask(manifest: Input[Dataset], mask_model: Input[Model], masks: Output[Datas
     from neumo import stages
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
-    masks.metadata.update(stages.mask(manifest_dir=manifest.path, model_dir=mask_model.path, out_dir=masks.path))
+    masks.metadata.update(stages.mask(manifest_dir=manifest.path, model_dir=mask_model.path, out_dir=masks.path,
+                                       model_uri=mask_model.uri))

@@ -11,6 +11,7 @@
     neumo evaluate --model work/trial0 --catalog work/catalog.json --train-row work/trial0/row.json --out work/eval0
     neumo aggregate --history work/history.jsonl --results-uri work/results --out work/report
     neumo compare --a work/eval0 --b work/eval1 --split test   # McNemar + paired bootstrap AUC
+    neumo predict --bundle work/results/models/best --out work/scored new_images/ gs://BUCKET/incoming x.dcm
     neumo synthetic --out work/synthetic     # synthetic chest X-rays in Kaggle + NIH layouts
     neumo demo-data --out work/demo/data.json   # the data `make demo` runs on (real if found, else synthetic)
     neumo preset demo                        # a preset's parameter values, as JSON
@@ -126,6 +127,10 @@ def _aggregate(a):
     return _stages().aggregate(history_in=a.history, finished=[], results_uri=a.results_uri, out_dir=a.out)
 
 
+def _predict(a):
+    return _stages().predict(bundle_uri=a.bundle, inputs=a.inputs, out_dir=a.out)
+
+
 def _compare(a):
     import csv
 
@@ -202,10 +207,12 @@ def _add_declared(s: argparse.ArgumentParser, func, values: dict) -> None:
         if p is None:
             continue
         kind = _json_arg if p.type is dict else p.type
+        choices = {"choices": p.choices} if p.choices else {}
         if arg.default is inspect.Parameter.empty and p.type is not dict:  # the stage cannot run without it
-            s.add_argument(p.flag, type=kind, required=True, help=p.help)
+            s.add_argument(p.flag, type=kind, required=True, help=p.help, **choices)
         else:
-            s.add_argument(p.flag, type=kind, default=values[name], help=f"{p.help} (default: {json.dumps(values[name])})")
+            s.add_argument(p.flag, type=kind, default=values[name], help=f"{p.help} (default: {json.dumps(values[name])})",
+                           **choices)
 
 
 def build_parser(values: dict | None = None) -> argparse.ArgumentParser:
@@ -280,6 +287,13 @@ def build_parser(values: dict | None = None) -> argparse.ArgumentParser:
     s.add_argument("--history", required=True)
     s.add_argument("--results-uri", default="")
     s.add_argument("--out", required=True)
+
+    s = stage("predict", _predict, "score image files with a model bundle: predictions.csv (probability, decision "
+              "at the bundle's threshold, warnings, reasons), a Grad-CAM overlay per image, index.html")
+    s.add_argument("--bundle", required=True, help="the model bundle: RESULTS_URI/models/best, models/RUN_ID or an "
+                   "evaluate output's bundle/ (folder or gs://)")
+    s.add_argument("--out", required=True, help="the folder to write predictions.csv, gradcam/ and index.html to")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, gs:// prefixes or image files (PNG, JPEG, DICOM)")
 
     s = stage("compare", _compare, "paired comparison of two evaluated models: McNemar and paired bootstrap AUC")
     s.add_argument("--a", required=True, help="evaluate output folder of model A (predictions.csv)")

@@ -1,8 +1,17 @@
-"""Classification metrics, the decision-threshold rule and bootstrap intervals (numpy only)."""
+"""Classification metrics, the decision-threshold rules and bootstrap intervals (numpy only)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from neumo import parameters
+
+#: How a trial's threshold may be chosen on the valid fold (declared with the pipeline parameter).
+THRESHOLD_POLICIES = parameters.BY_NAME["threshold_policy"].choices
+#: The screening sensitivity the "sensitivity_0.95" policy keeps.
+SCREENING_SENSITIVITY = 0.95
+#: `model.evaluate`'s accuracy calls p > 0.5 positive; our rule is p >= threshold: the same calls.
+KERAS_THRESHOLD = float(np.nextafter(0.5, 1.0))
 
 
 def _check(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +62,27 @@ def youden_threshold(targets, probs) -> float:
     fpr, tpr, thresholds = roc_curve(t, p)
     j = tpr - fpr
     return float(thresholds[int(np.argmax(j))])
+
+
+def sensitivity_threshold(targets, probs, sensitivity: float = SCREENING_SENSITIVITY) -> float:
+    """The highest threshold whose sensitivity is at least `sensitivity` (0.5 if undefined): the
+    fewest false alarms a screening aid can have while missing at most 1 - sensitivity."""
+    t, p = _check(targets, probs)
+    if t.size == 0 or t.min() == t.max():
+        return 0.5
+    _, tpr, thresholds = roc_curve(t, p)
+    return float(thresholds[int(np.flatnonzero(tpr >= sensitivity - 1e-12)[0])])
+
+
+def choose_threshold(targets, probs, policy: str) -> float:
+    """The decision threshold by `policy` (one of THRESHOLD_POLICIES), chosen on these images."""
+    if policy == "youden":
+        return youden_threshold(targets, probs)
+    if policy == "0.5":
+        return 0.5
+    if policy == "sensitivity_0.95":
+        return sensitivity_threshold(targets, probs)
+    raise ValueError(f"threshold_policy must be one of {THRESHOLD_POLICIES}, got {policy!r}")
 
 
 def confusion(targets, probs, threshold: float) -> dict[str, int]:
@@ -138,3 +168,30 @@ def paired_bootstrap_auc(targets, probs_a, probs_b, n: int = 2000, seed: int = 0
     p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))) if diffs.size else float("nan")
     return {"auc_a": auc(t, pa), "auc_b": auc(t, pb), "difference": auc(t, pa) - auc(t, pb),
             "low": float(lo), "high": float(hi), "p_value": float(p)}
+
+
+def calibration(targets, probs, bins: int = 10) -> dict:
+    """Reliability of the probabilities: `bins` equal-width bins of the pneumonia probability (the
+    last one closed at 1), each with its image count, mean probability ("confidence") and share
+    of pneumonia ("accuracy", the observed frequency; NaN in an empty bin), and the expected
+    calibration error ECE = sum over bins of count/n * |accuracy - confidence| (NaN with no image)."""
+    t, p = _check(targets, probs)
+    if not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    if p.size and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
+        raise ValueError("probabilities must be in 0..1 (no NaN)")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        inside = index == b
+        count = int(inside.sum())
+        conf = float(p[inside].mean()) if count else float("nan")
+        acc = float(t[inside].mean()) if count else float("nan")
+        if count:
+            ece += count / t.size * abs(acc - conf)
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": count, "confidence": conf,
+                     "accuracy": acc})
+    gaps = [abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]]
+    return {"n": int(t.size), "bins": rows, "ece": float(ece) if t.size else float("nan"),
+            "max_gap": float(max(gaps)) if gaps else float("nan")}

@@ -24,6 +24,15 @@ def _save(fig, path: str) -> None:
     FigureCanvasAgg(fig).print_png(path)
 
 
+def png_bytes(fig) -> bytes:
+    """A Figure as PNG bytes (to inline in an HTML page)."""
+    import io
+
+    buf = io.BytesIO()
+    _save(fig, buf)
+    return buf.getvalue()
+
+
 def _new_figure(width: float, height: float):
     """A pyplot-free Figure (safe in threads) whose layout never clips titles or labels."""
     from matplotlib.figure import Figure
@@ -226,3 +235,47 @@ def curve_png(curve: dict[str, list[float]], path: str, title: str, ylabel: str 
               best_by: str = "val_loss", mode: str = "min") -> None:
     """curve_figure as a PNG file."""
     _save(curve_figure(curve, title, ylabel, metric, best_by, mode), path)
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+def _ece_label(split: str, cal: dict) -> str:
+    ece = float(cal.get("ece", float("nan")))
+    return f"{split}: ECE {ece:.3f} (n={cal.get('n', 0)})" if math.isfinite(ece) else f"{split}: no images"
+
+
+def reliability_figure(calibrations: dict[str, dict]):
+    """Reliability diagram: per split ({split: evaluation.calibration(...)}), the share of pneumonia
+    against the mean predicted probability in each bin (the diagonal is perfect calibration), and
+    below it how many images each bin holds (a point on few images says little)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure(5.2, 6.4)
+    grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
+    ax, counts = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    width = 1.0 / max(1, len(calibrations))
+    for i, (split, cal) in enumerate(calibrations.items()):
+        bins = [b for b in cal.get("bins", []) if b["count"]]
+        style, marker, line = ROC_STYLES[i % len(ROC_STYLES)]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], linestyle=style, marker=marker,
+                linewidth=min(line, 2.5), markersize=6, markerfacecolor="none", color=f"C{i}", label=_ece_label(split, cal))
+        every = cal.get("bins", [])
+        lows = np.array([b["low"] for b in every])
+        spans = np.array([b["high"] - b["low"] for b in every])
+        counts.bar(lows + spans * width * i, [b["count"] for b in every], width=spans * width, align="edge",
+                   color=f"C{i}", label=split)
+    ax.set(xlabel="mean predicted pneumonia probability (bin)", ylabel="share with pneumonia (bin)",
+           title="Reliability diagram" if calibrations else "Reliability: no split with images",
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    counts.set(xlabel="predicted pneumonia probability", ylabel="images", xlim=(-0.01, 1.01))
+    counts.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    counts.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def reliability_png(calibrations: dict[str, dict], path: str) -> None:
+    """reliability_figure as a PNG file."""
+    _save(reliability_figure(calibrations), path)

@@ -105,14 +105,39 @@ def build_backbone(unet: keras.Model) -> keras.Model:
     return keras.Model(unet.input, outputs, name="backbone")
 
 
-def freeze(backbone: keras.Model, frozen_layers: int) -> int:
-    """Freeze the first `frozen_layers` weighted layers of the backbone; returns how many exist."""
-    weighted = [layer for layer in backbone.layers if layer.weights]
-    if not 0 <= frozen_layers <= len(weighted):
-        raise ValueError(f"frozen_layers must be in 0..{len(weighted)} for this backbone, got {frozen_layers}")
-    for i, layer in enumerate(weighted):
+FROZEN_COUNTS = ("weighted", "keras")  # neumo.parameters: frozen_layers_count
+
+
+def freeze(backbone: keras.Model, frozen_layers: int, count: str = "weighted") -> int:
+    """Freeze the first `frozen_layers` layers of the backbone; returns how many can be counted.
+
+    count "weighted": layers with weights (each convolution and each batch norm counts one);
+    "keras": `backbone.layers[:frozen_layers]` as the seed's Keras code would (the input,
+    activations and poolings count too). README: The backbone has the table of both counts."""
+    if count not in FROZEN_COUNTS:
+        raise ValueError(f"frozen_layers_count must be one of {FROZEN_COUNTS}, got {count!r}")
+    counted = [layer for layer in backbone.layers if layer.weights] if count == "weighted" else list(backbone.layers)
+    if not 0 <= frozen_layers <= len(counted):
+        raise ValueError(f"frozen_layers must be in 0..{len(counted)} for this backbone ({count} layers), "
+                         f"got {frozen_layers}")
+    for i, layer in enumerate(counted):
         layer.trainable = i >= frozen_layers
-    return len(weighted)
+    return len(counted)
+
+
+def backbone_table(depth: int = 4, filters: int = 16, pixels: int = 256) -> list[dict]:
+    """The backbone's layers in order: Keras index, weighted-layer index (blank for a layer without
+    weights), name, kind, output shape and which tap it is: what `frozen_layers` counts."""
+    backbone = build_backbone(build_unet(pixels, depth, filters))
+    taps = {name: f"tap {i}" for i, name in enumerate(tap_names(depth), 1)}
+    rows, weighted = [], 0
+    for index, layer in enumerate(backbone.layers):
+        shape = layer.output.shape if hasattr(layer, "output") else ()
+        rows.append({"keras": index, "weighted": weighted if layer.weights else "", "name": layer.name,
+                     "kind": type(layer).__name__, "output": "x".join(str(d) for d in shape[1:]),
+                     "tap": taps.get(layer.name, "")})
+        weighted += bool(layer.weights)
+    return rows
 
 
 def se_block(x, ratio: int, name: str):

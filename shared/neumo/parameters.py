@@ -21,14 +21,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-# The research group's search space (their notes: ../shared/docs/ARCHITECTURE.md) plus class
-# weighting. "model" is the classifier head: 1 = squeeze-and-excitation on three encoder levels,
-# 2 = global max-pooling.
+# The research group's search space (their notes: ../shared/docs/ARCHITECTURE.md: pixels, mask,
+# model, frozen layers, learning rate, loss, augmentation) plus class weighting, our departure (the
+# `seed` preset turns it off). "model" is the classifier head: 1 = squeeze-and-excitation on three
+# encoder levels, 2 = global max-pooling. The loss "weighted_bce" is the same as "bce" with
+# class_weight true, so it is not in the space (still read from older CSVs).
 DEFAULT_SEARCH_SPACE = {
-    "pixels": [256], "mask": [False, True], "model": [1, 2], "frozen_layers": [0, 4, 8, 12],
-    "learning_rate": [1e-5, 1e-2], "loss": ["bce", "weighted_bce", "focal"],
+    "pixels": [256, 512], "mask": [False, True], "model": [1, 2], "frozen_layers": [0, 4, 8, 12],
+    "learning_rate": [1e-5, 1e-2], "loss": ["bce", "focal"],
     "augmentation": ["none", "light", "strong"], "class_weight": [False, True],
 }
+#: The seed's own search space: the same dimensions without our class weighting.
+SEED_SEARCH_SPACE = {**DEFAULT_SEARCH_SPACE, "class_weight": [False]}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Parameter:
     help: str
     required: bool = False  # a run must give it (no default in the compiled pipeline)
     graph: bool = False  # compile-time: shapes the graph, not a parameter of the compiled pipeline
+    choices: tuple = ()  # the allowed values of a str parameter (empty: any)
+    pipelines: tuple = ("train",)  # the pipelines that take it: "train" (full.py, single.py), "predict" (predict.py)
 
     @property
     def flag(self) -> str:
@@ -63,7 +69,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     # preprocessing
     Parameter("clahe_clip", float, 0.0, "CLAHE clip limit; 0 = OpenCV's default (40), the group's setting"),
     Parameter("acquisition_copies", int, 1, "extra copies of each train image through a random other "
-              "acquisition (tighter field of view, sensor noise), 0-4; README: Science"),
+              "acquisition (tighter field of view, sensor noise), 0-4; our departure, the seed: 0; README: Science"),
     # lung-mask model
     Parameter("mask_pixels", int, 256, "input size of the lung-mask U-Net"),
     Parameter("mask_epochs", int, 10, "epochs of lung-mask training"),
@@ -72,6 +78,12 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("filters", int, 16, "filters of the U-Nets' first level (doubled at each level down)"),
     Parameter("depth", int, 4, "levels of the pretraining U-Net; pixels must halve this many times"),
     Parameter("pretrain_epochs", int, 10, "epochs of autoencoder pretraining"),
+    Parameter("pretrain_task", str, "restore", "what the autoencoder learns: restore (corrupted input, clean "
+              "target, top skip dropped; ours), identity (input = output, every skip; the seed's), none (random "
+              "initialisation, no pretraining)", choices=("restore", "identity", "none")),
+    Parameter("pretrain_data", str, "unlabelled+train", "what it learns from: the unlabelled set plus the train "
+              "fold's images (labels unused; ours) or the unlabelled set only (the seed's)",
+              choices=("unlabelled+train", "unlabelled")),
     # trials
     Parameter("search_space", dict, DEFAULT_SEARCH_SPACE, "values each hyperparameter may take; an override "
               "names only the dimensions it changes"),
@@ -79,16 +91,39 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("epochs", int, 10, "maximum epochs per trial (early stopping on the valid AUC)"),
     Parameter("batch_size", int, 8, "training batch size (the group's: 8)"),
     Parameter("patience", int, 3, "epochs without a better valid AUC before a trial stops"),
+    Parameter("frozen_layers_count", str, "weighted", "what a trial's frozen_layers counts: the backbone's "
+              "weighted layers, convolutions and batch norms apart (ours), or its Keras layers by index, input and "
+              "activations included (the seed's model.layers[:n]); README: The backbone", choices=("weighted", "keras")),
+    Parameter("threshold_policy", str, "youden", "how a trial's decision threshold is chosen on the valid fold: "
+              "youden (max sensitivity + specificity; ours), 0.5 (model.evaluate's; the seed's), sensitivity_0.95 "
+              "(the highest threshold keeping sensitivity >= 0.95: a screening aid)",
+              choices=("youden", "0.5", "sensitivity_0.95")),
     Parameter("bootstrap", int, 1000, "bootstrap resamples for the 95% intervals of every metric"),
+    # prediction (pipelines/predict.py; not parameters of the training pipelines)
+    Parameter("bundle_uri", str, "", "the model bundle to predict with: RESULTS_URI/models/best (folder or gs://)",
+              required=True, pipelines=("predict",)),
+    Parameter("images_uri", str, "", "the images to score: a folder or gs:// prefix (PNG, JPEG, DICOM)", required=True,
+              pipelines=("predict",)),
+    Parameter("predictions_uri", str, "", "where each run's predictions.csv and page go, under RUN_ID/ (folder or "
+              "gs://); empty: the run's artifacts only", pipelines=("predict",)),
+    Parameter("shards", int, 4, "split the images into at most this many prediction tasks", pipelines=("predict",)),
     # graph shape (compile time)
-    Parameter("rounds", int, 2, "tuning rounds: suggest, then that round's trials", graph=True),
-    Parameter("trials_per_round", int, 2, "trials suggested per round (mango's batch)", graph=True),
-    Parameter("parallelism", int, 2, "tasks of one loop running at once", graph=True),
+    Parameter("rounds", int, 5, "tuning rounds: suggest, then that round's trials", graph=True),
+    Parameter("trials_per_round", int, 4, "trials suggested per round (mango's batch)", graph=True),
+    Parameter("parallelism", int, 4, "tasks of one loop running at once", graph=True, pipelines=("train", "predict")),
 )
 
 BY_NAME = {p.name: p for p in PARAMETERS}
-RUN_TIME = tuple(p for p in PARAMETERS if not p.graph)
-GRAPH = tuple(p for p in PARAMETERS if p.graph)
+
+
+def of(pipeline: str) -> tuple[Parameter, ...]:
+    """The parameters `pipeline` takes ("train": full.py and single.py; "predict": predict.py)."""
+    return tuple(p for p in PARAMETERS if pipeline in p.pipelines)
+
+
+#: The training pipelines' parameters: run-time (the compiled pipeline's) and compile-time.
+RUN_TIME = tuple(p for p in of("train") if not p.graph)
+GRAPH = tuple(p for p in of("train") if p.graph)
 
 
 def default(name: str) -> Any:
@@ -106,6 +141,13 @@ def defaults(graph: bool | None = None) -> dict:
 PRESETS: dict[str, dict] = {
     # the declared defaults
     "default": {},
+    # the research group's experiment as they ran it (README: The group's experiment): identity
+    # autoencoder on the unlabelled set only, every skip, their search space without class weights,
+    # no acquisition copies, the 0.5 threshold of model.evaluate, frozen layers counted by Keras index
+    "seed": {
+        "pretrain_task": "identity", "pretrain_data": "unlabelled", "acquisition_copies": 0,
+        "threshold_policy": "0.5", "frozen_layers_count": "keras", "search_space": SEED_SEARCH_SPACE,
+    },
     # `make demo`: the whole pipeline in a few minutes on 2 cores (data URIs from `neumo demo-data`)
     "demo": {
         "sample_per_class": 150, "mask_pixels": 128, "mask_epochs": 3, "mask_max_images": 160,
@@ -161,6 +203,9 @@ def parse(name: str, value: Any) -> Any:
         if kind is str:
             if not isinstance(value, str):
                 raise ValueError("expected a string")
+            choices = BY_NAME[name].choices
+            if choices and value not in choices:
+                raise ValueError(f"expected one of {', '.join(map(repr, choices))}")
             return value
         if isinstance(value, bool):
             raise ValueError("expected a number, not a boolean")

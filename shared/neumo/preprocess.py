@@ -115,18 +115,29 @@ def prepare_one(args: tuple[str, str, int, float | None, str, int, int | None, s
             image = imaging.decode(data, check_damage=not checksum)
         except imaging.ImageError as err:  # rebuilt with the name: the message is what the CLI shows
             raise imaging.ImageError(f"image {image_id} ({uri}): {err}") from err
+        mask = None
         if mask_uri:
             try:
                 mask = imaging.read_grey(storage.read_bytes(mask_uri)) > 127
             except imaging.ImageError as err:
                 raise imaging.ImageError(f"lung mask {mask_uri} of image {image_id}: {err}") from err
-            image = imaging.apply_mask(imaging.to_grey(image), mask)
-        if copy:
-            image = shifts.acquisition(imaging.to_grey(image), shifts.acquisition_rng(image_id, copy))
-        return imaging.prepare_uint8(image, pixels, clip)
+        return variant_image(image, pixels, clip, mask, copy, image_id)
     except Exception as err:  # name the image (notes survive the pool's pickling); re-raised as is
         err.add_note(f"while preprocessing {image_id} ({uri})")
         raise
+
+
+def variant_image(image: np.ndarray, pixels: int, clip: float | None, lung_mask: np.ndarray | None = None,
+                  copy: int = 0, image_id: str = "") -> np.ndarray:
+    """Decoded image (uint8 grey/BGR/BGRA) [+ its boolean lung mask, same size] -> uint8 (pixels, pixels):
+    the stored form of the seed chain (mask applied, then acquisition copy `copy` > 0 drawn from
+    (copy, image_id), then grey, resize, CLAHE). The one chain the preprocess stage and `neumo
+    predict` (neumo.predict) both run."""
+    if lung_mask is not None:
+        image = imaging.apply_mask(imaging.to_grey(image), lung_mask)
+    if copy:
+        image = shifts.acquisition(imaging.to_grey(image), shifts.acquisition_rng(image_id, copy))
+    return imaging.prepare_uint8(image, pixels, clip)
 
 
 def _init_worker() -> None:
@@ -159,8 +170,10 @@ def _shard_jobs(manifest: list[dict], config: PreprocessConfig, masks_uri: str):
     return by_fold, plan
 
 
-def prepare_variant(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri: str = "", data_version: str = "") -> dict:
+def prepare_variant(manifest: list[dict], config: PreprocessConfig, out_uri: str, masks_uri: str = "", data_version: str = "",
+                    mask_model: dict | None = None) -> dict:
     """Write the variant folder (<fold>/shard-NNNNN.npz, then variant.json); returns variant.json's dict.
+    `mask_model`: what made the masks of a masked variant (the mask stage's record), kept in variant.json.
 
     Shards are identical, byte for byte, whatever the number of workers.
     """
@@ -213,6 +226,7 @@ def prepare_variant(manifest: list[dict], config: PreprocessConfig, out_uri: str
     counts = {fold: len(by_fold.get(fold, [])) for fold in nd.FOLDS}
     info = {"pixels": config.pixels, "mask": config.mask, "clahe_clip": config.clahe_clip,
             "acquisition_copies": config.acquisition_copies, "counts": counts,
+            "mask_model": (mask_model or {"source": "unknown"}) if config.mask else {"source": "none"},
             "data_version": data_version, "seconds": round(seconds, 2),
             "images_per_s": round(total / seconds, 1) if seconds else None, "workers": workers,
             "shards": shards}

@@ -31,15 +31,18 @@ EVAL_CSV = "image_class_evaluation_unsupervised.csv"
 
 TRAIN_COLUMNS = [
     "run_id", "round", "trial", "status", "error", "pixels", "mask", "model", "frozen_layers",
-    "learning_rate", "loss", "augmentation", "class_weight", "clahe_clip", "epochs", "best_epoch",
+    "learning_rate", "loss", "augmentation", "class_weight", "clahe_clip", "acquisition_copies", "mask_model",
+    "mask_model_dice", "pretrain_task", "pretrain_data", "pretrain_epochs", "pretrain_images", "pretrain_data_version",
+    "frozen_layers_count", "threshold_policy", "epochs", "best_epoch",
     "train_loss", "val_loss", "val_accuracy", "val_auc", "threshold", "score", "duration_s",
     "model_uri", "data_version", "git_revision", "image", "seed", "finished_at",
 ]
 EVAL_COLUMNS = [
-    "run_id", "round", "trial", "model_uri", "split", "n", "loss", "accuracy", "accuracy_low", "accuracy_high",
-    "auc", "auc_low", "auc_high", "sensitivity", "sensitivity_low", "sensitivity_high", "specificity",
+    "run_id", "round", "trial", "model_uri", "split", "n", "loss", "loss_function", "bce", "accuracy", "accuracy_low",
+    "accuracy_high", "auc", "auc_low", "auc_high", "sensitivity", "sensitivity_low", "sensitivity_high", "specificity",
     "specificity_low", "specificity_high", "precision", "precision_low", "precision_high", "f1", "f1_low",
-    "f1_high", "tn", "fp", "fn", "tp", "threshold", "finished_at",
+    "f1_high", "tn", "fp", "fn", "tp", "threshold", "threshold_policy", "accuracy_at_0.5", "sensitivity_at_0.5",
+    "specificity_at_0.5", "finished_at",
 ]
 HYPERPARAMETERS = ["pixels", "mask", "model", "frozen_layers", "learning_rate", "loss", "augmentation",
                    "class_weight"]
@@ -64,8 +67,11 @@ def _cell(value) -> str:
 def append_rows(uri: str, rows: list[dict], columns: list[str]) -> None:
     """Append `rows` to the CSV at `uri`, creating it with `columns` as header when absent.
 
-    The existing bytes are kept exactly; the result is written back atomically. An existing file
-    keeps its own header: values are mapped by column name, those it has no column for are dropped.
+    The existing bytes are kept exactly; the result is written back atomically. Values are mapped
+    to an existing file's header by column name. When that header lacks some of `columns` (a file
+    from an older neumo), the file is migrated first: its bytes are kept, unchanged, in a dated
+    copy beside it (`NAME.before-YYYYMMDDTHHMMSSZ.csv`), and the new file has the union of the
+    columns (the old ones first, in their order; old rows blank in the new ones): no value is dropped.
     Safe with concurrent writers (parallel trials): a local file is read-modified-written under an
     exclusive `fcntl.flock` on `.<name>.lock` beside it; a gs:// object is replaced only if its
     generation is unchanged since it was read, retried on conflict, so no row is ever lost."""
@@ -84,7 +90,10 @@ def _append_local(uri: str, rows: list[dict], columns: list[str]) -> None:
         fcntl.flock(fh, fcntl.LOCK_EX)  # released when fh closes, also if this process dies
         try:
             old = storage.read_bytes(uri) if storage.exists(uri) else b""
-            storage.write_bytes(uri, _appended(uri, old, rows, columns))
+            new, backup = _appended(uri, old, rows, columns)
+            if backup:
+                storage.write_bytes(backup, old)
+            storage.write_bytes(uri, new)
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -99,7 +108,9 @@ def _append_gcs(uri: str, rows: list[dict], columns: list[str]) -> None:
         old, generation = storage.read_with_generation(uri)
         if tried is not None and old is not None and old.startswith(tried):
             return  # our last write landed although its reply was lost (the retry then got 412): not twice
-        tried = _appended(uri, old or b"", rows, columns)
+        tried, backup = _appended(uri, old or b"", rows, columns)
+        if backup:
+            storage.write_bytes(backup, old)
         if storage.write_if_generation(uri, tried, generation):
             return
         attempt += 1
@@ -109,18 +120,35 @@ def _append_gcs(uri: str, rows: list[dict], columns: list[str]) -> None:
         time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** min(attempt, 6))))  # jittered backoff
 
 
-def _appended(uri: str, old: bytes, rows: list[dict], columns: list[str]) -> bytes:
-    """`old` (a CSV's bytes, possibly empty) with `rows` appended, as the new bytes of the file."""
-    header, newline = list(columns), "\n"
+def backup_uri(uri: str, when: float | None = None) -> str:
+    """Where a migrated CSV's old bytes are kept: NAME.before-YYYYMMDDTHHMMSSZ.csv beside it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
+    base, ext = os.path.splitext(uri)
+    return f"{base}.before-{stamp}{ext or '.csv'}"
+
+
+def _appended(uri: str, old: bytes, rows: list[dict], columns: list[str]) -> tuple[bytes, str]:
+    """`old` (a CSV's bytes, possibly empty) with `rows` appended, as the new bytes of the file,
+    and where to keep the old bytes first when the header had to be widened ("" when not)."""
+    header, newline, backup = list(columns), "\n", ""
     if old.strip():
         text = old.decode("utf-8-sig")
-        header = next(csv.reader(io.StringIO(text, newline="")))
+        records = list(csv.reader(io.StringIO(text, newline="")))
+        header = records[0]
         end = text.find("\n")
         newline = "\r\n" if end > 0 and text[end - 1] == "\r" else "\n"  # follow the file's line endings
-        if header != list(columns):
-            lost = [c for c in columns if c not in header]
-            log.warning("%s has a different header; mapping by name%s", uri,
-                        f", dropping columns it lacks: {lost}" if lost else "")
+        lacking = [c for c in columns if c not in header]
+        if lacking:
+            backup = backup_uri(uri)
+            log.warning("%s lacks the column(s) %s: migrating it to the union of the columns; its old bytes are "
+                        "kept in %s", uri, lacking, backup)
+            header = header + lacking
+            out = io.StringIO(newline="")
+            writer = csv.writer(out, lineterminator=newline)
+            writer.writerow(header)
+            for record in records[1:]:
+                writer.writerow(record + [""] * max(0, len(header) - len(record)) if record else record)
+            old = out.getvalue().encode("utf-8")
     known = set(columns)
     unknown = sorted({k for row in rows for k in row if k not in known}, key=str)
     if unknown:
@@ -134,7 +162,7 @@ def _appended(uri: str, old: bytes, rows: list[dict], columns: list[str]) -> byt
         out.write(newline)  # the last line had no terminator: finish it, do not join onto it
     for row in rows:
         writer.writerow([_cell(row.get(c)) if c in known else "" for c in header])
-    return old + out.getvalue().encode("utf-8")
+    return old + out.getvalue().encode("utf-8"), backup
 
 
 def read_rows(uri: str) -> list[dict]:
@@ -566,12 +594,14 @@ def _page(body: list[str]) -> str:
 # --- the report -----------------------------------------------------------------------------
 
 def write_report(path: str, train_rows, eval_rows, figures: dict[str, bytes] | None = None,
-                 current_run: str | Collection[str] | None = None, history_uri: str = "") -> None:
+                 current_run: str | Collection[str] | None = None, history_uri: str = "",
+                 model_card_html: str = "") -> None:
     """A self-contained HTML report (plots embedded as PNG) of every trial in `train_rows` and its
     evaluations in `eval_rows` (lists of dicts, or DataFrames from `read_table`): the whole search
     history when they were read back from the results URI (`history_uri`, named in the report).
     Rows whose run_id is `current_run` (one id or several) are marked as this run's. `figures`
-    ({caption: PNG bytes}: this run's best model's ROC and Grad-CAM) are shown too."""
+    ({caption: PNG bytes}: this run's best model's ROC and Grad-CAM) are shown too; so is
+    `model_card_html` (an HTML fragment: the published best model's card, neumo.modelcard)."""
     from neumo.ingest import VALID_FRACTION
 
     current = {current_run} if isinstance(current_run, str) else set(current_run or ())
@@ -584,6 +614,7 @@ def write_report(path: str, train_rows, eval_rows, figures: dict[str, bytes] | N
             + _splits_section(evals, has_current, dropped, VALID_FRACTION)
             + _runs_section(train, evals, has_current)
             + _figures_section(ranked, figures, has_current)
+            + ([f"<h2>Model card of the published best model</h2>\n{model_card_html}"] if model_card_html else [])
             + _progress_section(train, has_current)
             + _failed_section(train, has_current))
     storage.write_text(path, _page(body))

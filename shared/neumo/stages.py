@@ -175,9 +175,11 @@ def mask_model(*, manifest_dir: str, out_dir: str, mask_model_uri: str = D["mask
     return info
 
 
-def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24) -> dict:
+def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24, model_uri: str = "") -> dict:
     """Lung masks for every image at its original size, per-image QA and a contact sheet of
-    `sheet_size` images sampled across folds and classes."""
+    `sheet_size` images sampled across folds and classes. masks.json records the model's file as
+    other stages reach it (under `model_uri`, model_dir's URI; default model_dir), so a masked
+    variant's model bundle can carry it."""
     import cv2
 
     from neumo import imaging, masking
@@ -212,7 +214,9 @@ def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 2
         cv2.imwrite(os.path.join(out_dir, "contact_sheet.png"), masking.contact_sheet(**sheet))
     flagged = sum(1 for q in qa_rows if q["flags"])
     summary = {"available": True, "images": len(qa_rows), "flagged": flagged,
-               "mean_lung_fraction": float(np.mean([q["lung_fraction"] for q in qa_rows])) if qa_rows else 0.0}
+               "mean_lung_fraction": float(np.mean([q["lung_fraction"] for q in qa_rows])) if qa_rows else 0.0,
+               "mask_model": {**{k: info[k] for k in ("source", "dice", "iou", "pixels") if k in info},
+                              "uri": storage.join(model_uri or model_dir, info["file"])}}
     _write_json(os.path.join(out_dir, "masks.json"), summary)
     return summary
 
@@ -228,11 +232,12 @@ def preprocess(*, manifest_dir: str, variant: dict, out_dir: str, masks_dir: str
 
     config = PreprocessConfig(pixels=_as_int(variant["pixels"]), mask=bool(variant["mask"]), clahe_clip=clahe_clip,
                               workers=workers, acquisition_copies=acquisition_copies)
-    if config.mask and not (masks_dir and _read_json(os.path.join(masks_dir, "masks.json")).get("available")):
+    masks = _read_json(os.path.join(masks_dir, "masks.json")) if config.mask and masks_dir else {}
+    if config.mask and not masks.get("available"):
         raise ValueError("a masked variant was asked for, but the mask stage produced no masks")
     summary = _read_json(storage.join(manifest_dir, "summary.json"))
     return prepare_variant(load_manifest(manifest_dir), config, out_dir, masks_dir if config.mask else "",
-                           summary["data_version"])
+                           summary["data_version"], masks.get("mask_model"))
 
 
 def _as_int(value) -> int:
@@ -241,19 +246,27 @@ def _as_int(value) -> int:
 
 
 def pretrain(*, variant_dir: str, out_dir: str, pretrain_epochs: int = D["pretrain_epochs"], filters: int = D["filters"],
-             depth: int = D["depth"], seed: int = D["seed"]) -> dict:
-    """Pretrain the U-Net autoencoder on the variant's unlabelled images and its train fold (labels
-    unused; never the valid, val or test images, which judge the classifiers)."""
+             depth: int = D["depth"], seed: int = D["seed"], pretrain_task: str = D["pretrain_task"],
+             pretrain_data: str = D["pretrain_data"]) -> dict:
+    """Pretrain the U-Net autoencoder (`pretrain_task`) on the variant's unlabelled images and, by
+    `pretrain_data`, its train fold (labels unused; never the valid, val or test images, which
+    judge the classifiers). pretrain.json records what was done, for every trial's CSV row."""
     from neumo import figures, training
 
-    config = training.PretrainConfig(epochs=pretrain_epochs, filters=filters, depth=depth, seed=seed)
-    info, fit, held, source = training.pretraining_data(variant_dir, seed)
+    config = training.PretrainConfig(epochs=pretrain_epochs, filters=filters, depth=depth, seed=seed,
+                                     task=pretrain_task, data=pretrain_data)
+    info, fit, held, source = training.pretraining_data(variant_dir, seed, pretrain_data)
     _, curve, seconds = training.pretrain(fit, held, int(info["pixels"]), config, out_dir)
-    figures.curve_png({k: curve[k] for k in ("loss", "val_loss") if k in curve}, os.path.join(out_dir, "loss_curve.png"),
-                      f"pretraining, {info['pixels']} px, mask={info['mask']}", ylabel="reconstruction loss (MSE)")
-    result = {"pixels": int(info["pixels"]), "mask": bool(info["mask"]), "images": len(fit), "source": source,
-              "final_loss": float(curve["loss"][-1]), "best_val_loss": float(min(curve["val_loss"])),
-              "seconds": round(seconds, 1), "config": config.__dict__}
+    if curve["loss"]:
+        figures.curve_png({k: curve[k] for k in ("loss", "val_loss") if k in curve},
+                          os.path.join(out_dir, "loss_curve.png"), f"pretraining ({pretrain_task}), {info['pixels']} "
+                          f"px, mask={info['mask']}", ylabel="reconstruction loss (MSE)")
+    result = {"pixels": int(info["pixels"]), "mask": bool(info["mask"]), "task": pretrain_task, "data": pretrain_data,
+              "images": len(fit), "source": source, "epochs": len(curve["loss"]),
+              "data_version": info.get("data_version", ""),
+              "final_loss": float(curve["loss"][-1]) if curve["loss"] else None,
+              "best_val_loss": float(min(curve["val_loss"])) if curve["val_loss"] else None,
+              "seconds": round(seconds, 1), "config": {**config.__dict__, "skip_levels": config.skip_levels}}
     _write_json(os.path.join(out_dir, "pretrain.json"), result)
     return result
 
@@ -371,26 +384,73 @@ def _trial_point(row: dict, where: str) -> dict | None:
 
 def train(*, trial: dict, catalog_path: str, out_dir: str, model_uri: str = "", epochs: int = D["epochs"],
           batch_size: int = D["batch_size"], patience: int = D["patience"], seed: int = D["seed"], run_id: str = "",
-          results_uri: str = "") -> dict:
+          results_uri: str = "", frozen_layers_count: str = D["frozen_layers_count"],
+          threshold_policy: str = D["threshold_policy"]) -> dict:
     """Train one trial (`trial`: its configuration, with its "round" and "trial" index); returns
-    its training-CSV row. A trial that fails (NaN loss, out of memory,
-    an impossible configuration) returns a failed row with the reason instead of raising, so one
-    trial never sinks its round. With a results_uri the training state is backed up under
+    its training-CSV row, which records every setting that changed what the trial saw or learnt
+    (:func:`trial_context`). A trial that fails (NaN loss, out of memory, an impossible
+    configuration) returns a failed row with the reason and the same settings instead of raising,
+    so one trial never sinks its round. With a results_uri the training state is backed up under
     results_uri/checkpoints/RUN/round-R-trial-T every epoch and a restarted pod resumes."""
+    context = trial_context(catalog_path, trial, frozen_layers_count=frozen_layers_count,
+                            threshold_policy=threshold_policy)
     try:
         return _train(trial=trial, catalog_path=catalog_path, out_dir=out_dir, model_uri=model_uri, epochs=epochs,
-                      batch_size=batch_size, patience=patience, seed=seed, run_id=run_id, results_uri=results_uri)
+                      batch_size=batch_size, patience=patience, seed=seed, run_id=run_id, results_uri=results_uri,
+                      frozen_layers_count=frozen_layers_count, threshold_policy=threshold_policy, context=context)
     except Exception as err:  # noqa: BLE001 - any failure of one trial becomes its failed row
         logger.exception("trial failed")
-        return failed_row(trial, f"{type(err).__name__}: {err}", run_id, seed)
+        return failed_row(trial, f"{type(err).__name__}: {err}", run_id, seed, context)
 
 
-def _train(*, trial, catalog_path, out_dir, model_uri, epochs, batch_size, patience, seed, run_id, results_uri):
+#: What a training row says of a setting it could not read (an impossible configuration, a missing catalog).
+UNKNOWN = "unknown"
+#: The settings columns of a training row beyond the trial's hyperparameters (results.TRAIN_COLUMNS).
+CONTEXT_COLUMNS = ("clahe_clip", "acquisition_copies", "mask_model", "mask_model_dice", "pretrain_task",
+                   "pretrain_data", "pretrain_epochs", "pretrain_images", "pretrain_data_version",
+                   "frozen_layers_count", "threshold_policy")
+
+
+def trial_context(catalog_path: str, trial: dict, *, frozen_layers_count: str = D["frozen_layers_count"],
+                  threshold_policy: str = D["threshold_policy"]) -> dict:
+    """Every setting outside the trial's hyperparameters that changes what it sees or learns, read
+    from its variant (variant.json) and backbone (pretrain.json): the effective CLAHE clip,
+    acquisition copies, which lung-mask model made the masks and its Dice, the pretraining task,
+    data, epochs run, images and data version, and the frozen-layer and threshold rules. Never
+    raises: what cannot be read is "unknown" (its reason logged), so a failed row is complete too."""
+    from neumo import imaging
+    from neumo.trial import TrialConfig
+
+    out = {k: UNKNOWN for k in CONTEXT_COLUMNS}
+    out.update(frozen_layers_count=frozen_layers_count, threshold_policy=threshold_policy)
+    try:
+        cfg = TrialConfig.from_dict(trial)
+        entry = _variant(catalog_path, cfg.pixels, cfg.mask)
+        variant = _read_json(storage.join(entry["data_uri"], "variant.json"))
+        clip = variant.get("clahe_clip")
+        masker = variant.get("mask_model") or {"source": "none" if not cfg.mask else UNKNOWN}
+        out.update(clahe_clip=imaging.OPENCV_DEFAULT_CLIP if clip is None else float(clip),
+                   acquisition_copies=int(variant.get("acquisition_copies", 0)),
+                   mask_model=masker.get("source", UNKNOWN),
+                   mask_model_dice=masker["dice"] if "dice" in masker else
+                   ("none" if masker.get("source") == "none" else "not measured"))
+        pretrained = _read_json(storage.join(entry["backbone_uri"], "pretrain.json"))
+        out.update(pretrain_task=pretrained.get("task", "restore"), pretrain_data=pretrained.get("data", "unlabelled+train"),
+                   pretrain_epochs=pretrained.get("epochs", UNKNOWN), pretrain_images=pretrained.get("images", UNKNOWN),
+                   pretrain_data_version=pretrained.get("data_version") or variant.get("data_version") or UNKNOWN)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        logger.warning("trial settings partly unknown: %s", err)
+    return out
+
+
+def _train(*, trial, catalog_path, out_dir, model_uri, epochs, batch_size, patience, seed, run_id, results_uri,
+           frozen_layers_count, threshold_policy, context):
     from neumo import training
     from neumo.trial import TrialConfig
 
     cfg = TrialConfig.from_dict(trial)
-    settings = training.TrainSettings(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed)
+    settings = training.TrainSettings(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed,
+                                      frozen_layers_count=frozen_layers_count, threshold_policy=threshold_policy)
     entry = _variant(catalog_path, cfg.pixels, cfg.mask)
     backbone = os.path.join(out_dir, "backbone.keras")
     storage.download(storage.join(entry["backbone_uri"], "autoencoder.keras"), backbone)
@@ -403,10 +463,8 @@ def _train(*, trial, catalog_path, out_dir, model_uri, epochs, batch_size, patie
     result = training.train_trial(cfg, settings, entry["data_uri"], backbone, out_dir, checkpoint)
     os.remove(backbone)
     info = _read_json_safe(storage.join(entry["data_uri"], "variant.json"))
-    clip = info.get("clahe_clip")
     return {
-        "run_id": run_id, **where, "status": "ok", "error": "", **cfg.to_dict(),
-        "clahe_clip": "" if clip is None else clip,
+        "run_id": run_id, **where, "status": "ok", "error": "", **cfg.to_dict(), **context,
         "epochs": result.epochs, "best_epoch": result.best_epoch, "train_loss": result.train_loss,
         "val_loss": result.val_loss, "val_accuracy": result.val_accuracy, "val_auc": result.val_auc,
         "threshold": result.threshold, "score": result.val_auc, "duration_s": result.duration_s,
@@ -436,6 +494,8 @@ def _read_json_safe(uri: str) -> dict:
 
 EVAL_SPLITS = ("test", "val", "test+val", "valid")
 EVAL_METRICS = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")
+#: The threshold metrics also given at 0.5, as the seed's `model.evaluate` scored (p > 0.5 positive).
+HALF_METRICS = ("accuracy", "sensitivity", "specificity")
 
 
 def splits_present(counts: dict[str, int]) -> list[str]:
@@ -447,12 +507,15 @@ def splits_present(counts: dict[str, int]) -> list[str]:
 def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str, bootstrap: int = D["bootstrap"],
              out_uri: str = "") -> dict:
     """Metrics of a trained trial on each split the seed used (test, val, test+val) plus our
-    patient-level validation fold, at the stored threshold; per-image predictions; ROC data.
+    patient-level validation fold, at the stored threshold and (accuracy, sensitivity,
+    specificity) at 0.5; the loss is the trial's own (focal for a focal trial) as `model.evaluate`
+    gives it, beside plain cross-entropy ("bce", comparable across trials); per-image predictions;
+    ROC data.
     Returns the trial record {"train": row, "eval": [rows], "figures_uri": where the PNGs are
     (out_uri, else out_dir), "roc": {...}}; a failed trial's record has no evaluation."""
     import keras
 
-    from neumo import data, evaluation, training, trial
+    from neumo import bundle, data, evaluation, training, trial
 
     if train_row.get("status") != "ok":
         return {"train": train_row, "eval": [], "figures_uri": "", "roc": {}}
@@ -469,11 +532,15 @@ def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str
         p = np.concatenate([probs[p] for p in parts])
         m = evaluation.metrics(t, p, meta["threshold"])
         ci = evaluation.bootstrap(t, p, meta["threshold"], n=bootstrap)
+        at_half = evaluation.metrics(t, p, evaluation.KERAS_THRESHOLD)  # model.evaluate's view: p > 0.5
         eval_rows.append({
             "run_id": train_row.get("run_id", ""), "round": train_row.get("round", ""), "trial": train_row.get("trial", ""),
-            "model_uri": train_row.get("model_uri", ""), "split": split, **{k: m[k] for k in (
-                "n", "loss", *EVAL_METRICS, "tn", "fp", "fn", "tp", "threshold")},
+            "model_uri": train_row.get("model_uri", ""), "split": split, "n": m["n"],
+            "loss": training.trial_loss(cfg.loss, t, p), "loss_function": cfg.loss, "bce": m["loss"],
+            **{k: m[k] for k in (*EVAL_METRICS, "tn", "fp", "fn", "tp", "threshold")},
+            "threshold_policy": meta.get("threshold_policy", "youden"),
             **{f"{k}_{side}": ci[k][j] for k in EVAL_METRICS for j, side in enumerate(("low", "high"))},
+            **{f"{k}_at_0.5": at_half[k] for k in HALF_METRICS},
             "finished_at": _now(),
         })
         if "+" not in split:
@@ -485,6 +552,11 @@ def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str
     storage.write_bytes(os.path.join(out_dir, "predictions.csv"),
                         listing.csv_bytes(predictions, ["id", "split", "target", "probability", "predicted"]))
     _figures(classifier, folds, probs, meta["threshold"], eval_rows, roc, out_dir)
+    # everything needed to use this model on new files, in one folder (aggregate publishes the best)
+    bundle.write(os.path.join(out_dir, bundle.FOLDER), model_dir=model_dir, variant=data.read_variant(entry["data_uri"]),
+                 classifier=classifier, train_row=train_row, eval_rows=eval_rows, predictions=predictions,
+                 valid_images=folds["valid"].images, gradcam_uri=os.path.join(out_dir, "gradcam.png"),
+                 valid_groups=[listing.patient_id(str(i).rsplit("/", 1)[-1]) for i in folds["valid"].ids])
     record = {"train": train_row, "eval": eval_rows, "figures_uri": out_uri or out_dir}
     _write_json(os.path.join(out_dir, "evaluation.json"), {**record, "roc": roc})
     return {**record, "roc": roc}
@@ -500,7 +572,8 @@ def shown_metrics(record: dict) -> dict | None:
     if shown is None:
         return None
     split = shown["split"]
-    metrics = {f"{split}_{k}": float(shown[k]) for k in (*EVAL_METRICS, "loss") if math.isfinite(shown[k])}
+    metrics = {f"{split}_{k}": float(shown[k]) for k in (*EVAL_METRICS, "loss", "bce")
+               if k in shown and math.isfinite(shown[k])}
     curve = record["roc"][split]
     return {"metrics": metrics, "roc": (curve["fpr"], curve["tpr"], curve["thresholds"]),
             "confusion": (["NORMAL", "PNEUMONIA"], [[shown["tn"], shown["fp"]], [shown["fn"], shown["tp"]]])}
@@ -548,17 +621,19 @@ def _best_figures(ok_records: list[dict]) -> dict[str, bytes]:
     return found
 
 
-def failed_row(config: dict, error: str, run_id: str = "", seed: int = D["seed"]) -> dict:
+def failed_row(config: dict, error: str, run_id: str = "", seed: int = D["seed"], context: dict | None = None) -> dict:
     """The training-CSV row of a trial that could not finish, with the reason (its configuration
-    as given, ints that KFP turned into floats made ints again)."""
+    as given, ints that KFP turned into floats made ints again) and its settings (`context`, from
+    :func:`trial_context`; "unknown" where none was read)."""
     from neumo.trial import KEYS
 
     row = {k: config.get(k, "") for k in KEYS}
     for k in ("pixels", "model", "frozen_layers"):
         if isinstance(row[k], float) and row[k].is_integer():
             row[k] = int(row[k])
-    return {"run_id": run_id, **_where(config), "status": "failed", "error": error[:500], **row, "seed": seed,
-            "finished_at": _now()}
+    context = context or {k: UNKNOWN for k in CONTEXT_COLUMNS}
+    return {"run_id": run_id, **_where(config), "status": "failed", "error": error[:500], **row, **context,
+            "seed": seed, "finished_at": _now()}
 
 
 # --- aggregate ------------------------------------------------------------------------------
@@ -585,12 +660,82 @@ def aggregate(*, history_in: str, finished: list[str], results_uri: str, out_dir
         history_train = results.read_table(storage.join(results_uri, results.TRAIN_CSV))
         history_eval = results.read_table(storage.join(results_uri, results.EVAL_CSV))
     run_ids = {str(r.get("run_id") or "") for r in train_rows}
+    published = _publish_bundle(ok, results_uri)
     results.write_report(os.path.join(out_dir, "report.html"), history_train, history_eval, _best_figures(ok),
-                         current_run=run_ids, history_uri=results_uri)
+                         current_run=run_ids, history_uri=results_uri, model_card_html=published.get("card", ""))
     if report_path:
         storage.write_bytes(report_path, storage.read_bytes(os.path.join(out_dir, "report.html")))
     # Written first, checked after: the rows of a failed last round are kept too.
     _check_round(finished, int(records[-1]["train"].get("round", 0)) if records else 0)
     best = max(ok, key=lambda r: float(r["train"]["score"]))["train"] if ok else None
     return {"trials": len(train_rows), "failed": len(train_rows) - len(ok),
-            "best_score": float(best["score"]) if best else None, "best_model_uri": best["model_uri"] if best else ""}
+            "best_score": float(best["score"]) if best else None, "best_model_uri": best["model_uri"] if best else "",
+            "bundle_uri": published.get("best", "")}
+
+
+def _publish_bundle(ok_records: list[dict], results_uri: str) -> dict:
+    """The bundle of this run's best trial (by the score) to RESULTS_URI/models/RUN_ID/ and, when it
+    beats the one there, to RESULTS_URI/models/best/ (neumo.bundle.publish), with the published
+    best's model card as HTML ("card"); {} without a results_uri or a trial with a bundle."""
+    from neumo import bundle
+
+    def found(r):
+        base = r.get("figures_uri", "")
+        return base and math.isfinite(float(r["train"]["score"])) and \
+            storage.exists(storage.join(base, bundle.FOLDER, bundle.INFO))
+
+    candidates = [r for r in ok_records if found(r)]
+    if not results_uri or not candidates:
+        return {}
+    best = max(candidates, key=lambda r: float(r["train"]["score"]))
+    out = bundle.publish(storage.join(best["figures_uri"], bundle.FOLDER), results_uri, best["train"].get("run_id", ""))
+    card = storage.join(out["best"], bundle.CARD_HTML)
+    return {**out, "card": storage.read_text(card) if storage.exists(card) else ""}
+
+
+# --- prediction with a model bundle ---------------------------------------------------------
+
+def predict_list(*, images_uri: str, out_dir: str, shards: int = D["shards"]) -> list[int]:
+    """Every file under images_uri (a folder or gs:// prefix), listed as `neumo predict` lists a
+    folder, in at most `shards` parts (out_dir/shard-NNNNN.json); the parts' indices, to loop over."""
+    from neumo import predict as scoring
+
+    parts = scoring.split(scoring.list_inputs([images_uri]), shards)
+    for k, part in enumerate(parts):
+        _write_json(storage.join(out_dir, f"shard-{k:05d}.json"), part)
+    logger.info("predict: %d files under %s in %d part(s)", sum(map(len, parts)), images_uri, len(parts))
+    return list(range(len(parts)))
+
+
+def predict(*, bundle_uri: str, out_dir: str, inputs: list[str] | None = None, listing_dir: str = "",
+            shard: int = 0) -> dict:
+    """Score files with the model bundle at bundle_uri: `inputs` (folders, gs:// prefixes, files),
+    or part `shard` of predict_list's output in listing_dir. Writes predictions.csv, one Grad-CAM
+    overlay per image and index.html to out_dir; returns a summary."""
+    from neumo import bundle as bundles
+    from neumo import predict as scoring
+
+    if listing_dir:
+        items = _read_json(storage.join(listing_dir, f"shard-{_as_int(shard):05d}.json"))
+    elif inputs:
+        items = scoring.list_inputs(list(inputs))
+    else:
+        raise ValueError("nothing to score: give input folders, gs:// prefixes or files")
+    loaded = bundles.load(bundle_uri)
+    return scoring.write(loaded, scoring.score(loaded, items, out_dir), out_dir)
+
+
+def predict_gather(*, parts: list[str], bundle_uri: str, out_dir: str, predictions_uri: str = D["predictions_uri"],
+                   run_id: str = "") -> dict:
+    """One predictions.csv, page and overlay folder in out_dir from the scored parts (predict's
+    out_dirs, in order); copied to predictions_uri/RUN_ID/ when a predictions_uri is given."""
+    from neumo import bundle as bundles
+    from neumo import predict as scoring
+
+    result = scoring.gather(parts, out_dir, bundles.read_info(bundle_uri))
+    if predictions_uri:
+        dest = storage.join(predictions_uri, run_id or "run")
+        for uri in storage.list_files(out_dir):
+            storage.write_bytes(storage.join(dest, storage.relative(uri, out_dir)), storage.read_bytes(uri))
+        result["copied_to"] = dest
+    return result

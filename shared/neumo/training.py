@@ -21,17 +21,27 @@ from neumo.trial import TrialConfig
 
 # --- pretraining -------------------------------------------------------------------------------
 
+PRETRAIN_TASKS = parameters.BY_NAME["pretrain_task"].choices
+PRETRAIN_DATA = parameters.BY_NAME["pretrain_data"].choices
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Settings of the U-Net autoencoder pretraining (restoration of corrupted inputs)."""
+    """Settings of the U-Net autoencoder pretraining.
+
+    `task`: "restore" (ours: the input corrupted, the clean image the target, the top skip
+    dropped so the encoder must learn anatomy instead of copying pixels through it), "identity"
+    (the seed's plain autoencoder: input = output, every skip) or "none" (no training: the
+    randomly initialised U-Net, the control). `data`: "unlabelled+train" or "unlabelled" (the
+    seed's: NIH only)."""
 
     depth: int = parameters.default("depth")
     filters: int = parameters.default("filters")
     epochs: int = parameters.default("pretrain_epochs")
     batch_size: int = 8
     learning_rate: float = 1e-3
-    skip_levels: int = 1
-    corruption: str = "restore"
+    task: str = parameters.default("pretrain_task")
+    data: str = parameters.default("pretrain_data")
     seed: int = parameters.default("seed")
 
     def __post_init__(self):
@@ -40,8 +50,15 @@ class PretrainConfig:
                 raise ValueError(f"pretrain {name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"pretrain learning_rate must be > 0, got {self.learning_rate}")
-        if self.corruption not in ("none", "restore"):
-            raise ValueError(f"pretrain corruption must be 'none' or 'restore', got {self.corruption!r}")
+        if self.task not in PRETRAIN_TASKS:
+            raise ValueError(f"pretrain_task must be one of {PRETRAIN_TASKS}, got {self.task!r}")
+        if self.data not in PRETRAIN_DATA:
+            raise ValueError(f"pretrain_data must be one of {PRETRAIN_DATA}, got {self.data!r}")
+
+    @property
+    def skip_levels(self) -> int:
+        """Top skip connections dropped: one for restoration, none for the seed's autoencoder."""
+        return 1 if self.task == "restore" else 0
 
 
 def corrupt_tf(x, seed: int):
@@ -72,22 +89,27 @@ def corrupt_tf(x, seed: int):
 PRETRAIN_HELD_OUT = 10
 
 
-def pretraining_data(variant_dir: str, seed: int) -> tuple[dict, nd.Fold, nd.Fold, str]:
-    """What a backbone pretrains on: the variant's unlabelled images and the originals of its train
-    fold (labels unused; acquisition copies are for classifiers; valid, val and test judge the
-    classifiers), shuffled by `seed` with a tenth (at least one) held out for the validation loss.
+def pretraining_data(variant_dir: str, seed: int, data: str = parameters.default("pretrain_data")
+                     ) -> tuple[dict, nd.Fold, nd.Fold, str]:
+    """What a backbone pretrains on: the variant's unlabelled images and, when `data` is
+    "unlabelled+train", the originals of its train fold (labels unused; acquisition copies are for
+    classifiers; valid, val and test judge the classifiers), shuffled by `seed` with a tenth (at
+    least one) held out for the validation loss.
 
     Returns (the variant's variant.json, fit fold, held-out fold, "N unlabelled + M train")."""
     from neumo.preprocess import COPY_MARK
 
     info = nd.read_variant(variant_dir)
+    if data not in PRETRAIN_DATA:
+        raise ValueError(f"pretrain_data must be one of {PRETRAIN_DATA}, got {data!r}")
     folds = [nd.load_fold(variant_dir, f) for f in ("unlabelled", "train")]
-    originals = np.array([COPY_MARK not in str(i) for i in folds[1].ids], bool)
+    originals = np.array([COPY_MARK not in str(i) and data == "unlabelled+train" for i in folds[1].ids], bool)
     folds[1] = nd.Fold(folds[1].images[originals], folds[1].targets[originals], folds[1].ids[originals])
     images = nd.Fold(*(np.concatenate([getattr(f, k) for f in folds]) for k in ("images", "targets", "ids")))
     source = f"{len(folds[0])} unlabelled + {len(folds[1])} train"
     if len(images) < 2:
-        raise ValueError(f"pretraining needs at least 2 images; variant {variant_dir} has {len(images)}")
+        raise ValueError(f"pretraining needs at least 2 images; variant {variant_dir} has {len(images)} ({source}, "
+                         f"pretrain_data={data}): give a pretrain_uri with unlabelled images")
     order = np.random.default_rng(seed).permutation(len(images))
     images = nd.Fold(images.images[order], images.targets[order], images.ids[order])
     n_valid = max(1, len(images) // PRETRAIN_HELD_OUT)
@@ -97,27 +119,27 @@ def pretraining_data(variant_dir: str, seed: int) -> tuple[dict, nd.Fold, nd.Fol
 
 
 def pretrain(fold: nd.Fold, valid: nd.Fold, pixels: int, config: PretrainConfig, out_dir: str):
-    """Train the U-Net autoencoder on unlabelled images; save `autoencoder.keras` in out_dir.
-
-    Returns (model, curve dict, seconds). With corruption "restore" the input is corrupted and
-    the target is the clean image, and `skip_levels` top skips are dropped, so the encoder must
-    learn anatomy instead of copying pixels through the shallow skip connections.
-    """
+    """Train the U-Net autoencoder on unlabelled images by `config.task`; save `autoencoder.keras`
+    in out_dir. Returns (model, curve dict, seconds); task "none" saves the seeded random
+    initialisation untrained (an empty curve)."""
     if len(fold) == 0:
         raise ValueError("pretraining needs at least one unlabelled image")
     set_seed(config.seed)
     unet = models.build_unet(pixels, config.depth, config.filters, "linear", config.skip_levels, name="autoencoder")
-    unet.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
+    curve, seconds = {"loss": [], "val_loss": []}, 0.0
+    if config.task != "none":
+        unet.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
 
-    def pairs(f, shuffle):
-        ds = nd.make_dataset(f, config.batch_size, shuffle=shuffle, seed=config.seed, targets_as_images=True)
-        if config.corruption == "restore":
-            ds = ds.map(lambda x, y: (corrupt_tf(x, config.seed), y))
-        return ds
+        def pairs(f, shuffle):
+            ds = nd.make_dataset(f, config.batch_size, shuffle=shuffle, seed=config.seed, targets_as_images=True)
+            if config.task == "restore":
+                ds = ds.map(lambda x, y: (corrupt_tf(x, config.seed), y))
+            return ds
 
-    valid = valid if len(valid) else fold
-    curve, seconds = fit(unet, pairs(fold, True), pairs(valid, False), config.epochs, "val_loss", "min",
-                          max(2, config.epochs // 3), out_dir, "pretrain")
+        valid = valid if len(valid) else fold
+        curve, seconds = fit(unet, pairs(fold, True), pairs(valid, False), config.epochs, "val_loss", "min",
+                             max(2, config.epochs // 3), out_dir, "pretrain")
+    os.makedirs(out_dir, exist_ok=True)
     unet.save(os.path.join(out_dir, "autoencoder.keras"))
     return unet, curve, seconds
 
@@ -133,12 +155,16 @@ class TrainSettings:
     patience: int = parameters.default("patience")
     seed: int = parameters.default("seed")
     precision: str = "auto"
+    frozen_layers_count: str = parameters.default("frozen_layers_count")
+    threshold_policy: str = parameters.default("threshold_policy")
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError(f"epochs, batch_size and patience must be >= 1: {self}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("frozen_layers_count", "threshold_policy"):
+            parameters.parse(name, getattr(self, name))  # one of the declared choices, or a clear error
 
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -162,10 +188,21 @@ def _recast(model: keras.Model) -> keras.Model:
     return copy
 
 
-def _loss(name: str):
+def loss_function(name: str):
+    """The Keras loss of a trial's `loss` ("weighted_bce" is cross-entropy; its class weights are
+    added in fit)."""
     if name == "focal":
         return keras.losses.BinaryFocalCrossentropy(gamma=2.0)
-    return keras.losses.BinaryCrossentropy()  # "weighted_bce" adds class weights in fit
+    return keras.losses.BinaryCrossentropy()
+
+
+def trial_loss(name: str, targets, probs) -> float:
+    """A trial's own loss over images, as `model.evaluate` reports it (unweighted mean)."""
+    if len(targets) == 0:
+        return float("nan")
+    y = np.asarray(targets, np.float32).reshape(-1, 1)
+    p = np.asarray(probs, np.float32).reshape(-1, 1)
+    return float(loss_function(name)(y, p))
 
 
 @dataclass
@@ -181,6 +218,8 @@ class TrialResult:
     val_auc: float
     threshold: float
     duration_s: float
+    threshold_policy: str = parameters.default("threshold_policy")
+    frozen_layers_count: str = parameters.default("frozen_layers_count")
     metrics: dict = field(default_factory=dict)
 
 
@@ -188,8 +227,8 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
                 checkpoint_uri: str = "") -> TrialResult:
     """Train one classifier on the prepared variant; save `model.keras` + `model.json` in out_dir.
 
-    The decision threshold is chosen on the validation fold (Youden's J) and stored in
-    model.json with the configuration, so evaluation applies the same rule; `curve.png` beside
+    The decision threshold is chosen on the validation fold by `settings.threshold_policy` and
+    stored in model.json with the configuration and the policy, so evaluation applies the same rule; `curve.png` beside
     `history.csv` shows the losses and the validation AUC by epoch, the best epoch marked.
     """
     from neumo import figures
@@ -206,11 +245,11 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
     try:
         unet = keras.saving.load_model(backbone_path, compile=False, safe_mode=True)
         backbone = models.build_backbone(unet if policy == "float32" else _recast(unet))
-        models.freeze(backbone, cfg.frozen_layers)
+        models.freeze(backbone, cfg.frozen_layers, settings.frozen_layers_count)
         clf = models.build_classifier(backbone, cfg.model)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    clf.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=_loss(cfg.loss),
+    clf.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss_function(cfg.loss),
                 metrics=["accuracy", keras.metrics.AUC(name="auc")])
     weighted = cfg.class_weight or cfg.loss == "weighted_bce"
     train_ds = nd.stream_dataset(variant_uri, "train", settings.batch_size, cfg.augmentation, True, settings.seed,
@@ -223,14 +262,15 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
                       title=f"classifier: model {cfg.model}, {cfg.pixels} px, mask={cfg.mask}, lr {cfg.learning_rate:g}")
     best = int(np.argmax(curve["val_auc"]))
     probs = predict(clf, valid, settings.batch_size)
-    threshold = evaluation.youden_threshold(valid.targets, probs)
+    threshold = evaluation.choose_threshold(valid.targets, probs, settings.threshold_policy)
     metrics = evaluation.metrics(valid.targets, probs, threshold)
     clf.save(os.path.join(out_dir, "model.keras"))
     result = TrialResult(
         config=asdict(cfg), epochs=len(curve["loss"]), best_epoch=best + 1,
         train_loss=float(curve["loss"][best]), val_loss=float(curve["val_loss"][best]),
         val_accuracy=metrics["accuracy"], val_auc=metrics["auc"], threshold=threshold,
-        duration_s=round(seconds, 2), metrics=metrics,
+        duration_s=round(seconds, 2), threshold_policy=settings.threshold_policy,
+        frozen_layers_count=settings.frozen_layers_count, metrics=metrics,
     )
     with open(os.path.join(out_dir, "model.json"), "w") as fh:
         json.dump(asdict(result), fh, indent=2)
