@@ -133,7 +133,9 @@ def pretraining(work: Path, pixels: int, pretrain_epochs: int, epochs: int, seed
                                             where / "classifier")
             p = training.predict(model, valid)
             probs.setdefault(name, []).append(p)
+            half = evaluation.metrics(valid.targets, p, evaluation.KERAS_THRESHOLD)  # the seed's threshold_policy
             runs.append({"seed": seed, **_summary(valid.targets, p, result.threshold),
+                         **{f"{k}_at_0.5": half[k] for k in ("accuracy", "sensitivity", "specificity")},
                          "pretrain_images": info["images"], "pretrain_seconds": info["seconds"],
                          "train_seconds": round(seconds, 1)})
             logger.info("(b) %s seed %d: AUC %.4f", name, seed, runs[-1]["auc"])
@@ -213,21 +215,28 @@ def report(res: dict) -> str:
         seeds = ", ".join(str(r["seed"]) for r in next(iter(p["arms"].values())))
         lines += [f"| pretraining, then the same frozen classifier (head 2, {p['epochs']} epochs), valid fold, "
                   f"seeds {seeds} | AUC: mean (range over seeds) | AUC 95% CI, seed {seeds[0]} | sensitivity | "
-                  "specificity | pretraining images | time per seed |", "|---|---|---|---|---|---|---|"]
+                  "specificity | sensitivity / specificity at 0.5 | pretraining images | time per seed |",
+                  "|---|---|---|---|---|---|---|---|"]
 
         def cell(values, digits=3) -> str:
             return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+        def half(runs) -> str:
+            if not all("sensitivity_at_0.5" in r for r in runs):
+                return ""
+            return f"{cell([r['sensitivity_at_0.5'] for r in runs])} / {cell([r['specificity_at_0.5'] for r in runs])}"
 
         for name, runs in p["arms"].items():
             first = runs[0]
             minutes = np.mean([r["pretrain_seconds"] + r["train_seconds"] for r in runs]) / 60
             lines.append(f"| {name} | {cell([r['auc'] for r in runs])} | {first['auc']:.3f} ({first['auc_ci'][0]:.3f}-"
                          f"{first['auc_ci'][1]:.3f}) | {cell([r['sensitivity'] for r in runs])} | "
-                         f"{cell([r['specificity'] for r in runs])} | {first['pretrain_images']} | {minutes:.1f} min |")
+                         f"{cell([r['specificity'] for r in runs])} | {half(runs)} | {first['pretrain_images']} | "
+                         f"{minutes:.1f} min |")
         for label, d in p["paired_auc"].items():
             p_text = "p < 0.001" if d["p_value"] < 0.001 else f"p = {d['p_value']:.3f}"  # 1000 bootstrap draws
             lines.append(f"| {label}, seeds' mean probability (paired bootstrap) | {d['difference']:+.3f} "
-                         f"({d['low']:+.3f} to {d['high']:+.3f}), {p_text} | | | | | |")
+                         f"({d['low']:+.3f} to {d['high']:+.3f}), {p_text} | | | | | | |")
         lines.append("")
     if "best" in res:
         b = res["best"]

@@ -150,12 +150,14 @@ PRESETS: dict[str, dict] = {
     },
     # `make demo`: the whole pipeline in a few minutes on 2 cores (data URIs from `neumo demo-data`)
     "demo": {
+        "rounds": 2, "trials_per_round": 2, "parallelism": 2,
         "sample_per_class": 150, "mask_pixels": 128, "mask_epochs": 3, "mask_max_images": 160,
         "pretrain_epochs": 2, "filters": 8, "depth": 3, "epochs": 2, "patience": 2, "bootstrap": 200,
         "search_space": {"pixels": [128], "frozen_layers": [0, 6], "learning_rate": [1e-4, 1e-2]},
     },
     # tests: the smallest settings that still exercise every stage
     "smoke": {
+        "rounds": 2, "trials_per_round": 2, "parallelism": 2,
         "mask_pixels": 64, "mask_epochs": 1, "pretrain_epochs": 1, "filters": 4, "depth": 3, "epochs": 1,
         "bootstrap": 20,
         "search_space": {"pixels": [64], "mask": [False], "model": [1, 2], "frozen_layers": [0, 4],
