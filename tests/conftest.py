@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import textwrap
 import socket
 import subprocess
 import sys
@@ -97,3 +98,29 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data is absent: expected it at {SHARED_DATA}")
     return SHARED_DATA
+
+
+#: What a pipeline must compile without: every heavy library and every neumo module but the
+#: standard-library-only declaration of parameters and trials.
+NOT_FOR_COMPILING = ("tensorflow", "keras", "cv2", "numpy", "pandas", "skimage", "mango", "scipy", "sklearn",
+                     "matplotlib", "pydicom")
+
+
+def compile_with_only_kfp(pipeline: Path, out: Path) -> None:
+    """`pipeline --compile out` in a fresh interpreter where NOT_FOR_COMPILING (and google.cloud)
+    cannot be imported; fails the test with its stderr if it does not compile."""
+    script = textwrap.dedent(f"""
+        import sys, runpy
+        BLOCKED = {NOT_FOR_COMPILING!r}
+        ALLOWED_NEUMO = ("neumo", "neumo.parameters", "neumo.trial")
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                top = name.split(".")[0]
+                if top in BLOCKED or name.startswith("google.cloud") or (top == "neumo" and name not in ALLOWED_NEUMO):
+                    raise ImportError("blocked for this test: " + name)
+        sys.meta_path.insert(0, Block())
+        sys.argv = [{pipeline.name!r}, "--compile", {str(out)!r}]
+        runpy.run_path({str(pipeline)!r}, run_name="__main__")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -5,13 +5,12 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import yaml
 
 from neumo import parameters
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, compile_with_only_kfp
 
 STAGES = {"fingerprint", "ingest", "plan", "train-mask-model", "mask", "preprocess", "pretrain", "catalog", "suggest", "train",
           "evaluate", "aggregate"}
@@ -107,22 +106,7 @@ def test_accelerators_on_gpu_tasks_only(tmp_path):
 def test_compiling_needs_only_kfp(tmp_path):
     """Compile in a fresh interpreter where TensorFlow, Keras, OpenCV, numpy and every neumo module
     but the standard-library-only declaration of parameters and trials cannot be imported."""
-    script = textwrap.dedent(f"""
-        import sys, runpy
-        BLOCKED = ("tensorflow", "keras", "cv2", "numpy", "pandas", "skimage", "mango", "scipy", "sklearn",
-                   "matplotlib")
-        ALLOWED_NEUMO = ("neumo", "neumo.parameters", "neumo.trial")
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                top = name.split(".")[0]
-                if top in BLOCKED or name.startswith("google.cloud") or (top == "neumo" and name not in ALLOWED_NEUMO):
-                    raise ImportError("blocked for this test: " + name)
-        sys.meta_path.insert(0, Block())
-        sys.argv = ["full.py", "--compile", {str(tmp_path / "only-kfp.yaml")!r}]
-        runpy.run_path({str(REPO_ROOT / "pipelines" / "full.py")!r}, run_name="__main__")
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    compile_with_only_kfp(REPO_ROOT / "pipelines" / "full.py", tmp_path / "only-kfp.yaml")
     assert (tmp_path / "only-kfp.yaml").stat().st_size > 10_000
 
 

@@ -7,9 +7,6 @@ import csv
 import io
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import cv2
 import numpy as np
@@ -17,7 +14,7 @@ import pytest
 import yaml
 
 from neumo import bundle, cli, imaging, ingest, predict, stages, storage, synthetic
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, compile_with_only_kfp
 
 TRIAL = {"pixels": 64, "model": 2, "frozen_layers": 0, "learning_rate": 3e-3, "loss": "bce", "augmentation": "none",
          "class_weight": False}
@@ -227,19 +224,5 @@ def test_the_predict_pipeline_compiles_with_gpu_placement_and_a_loop_cap(tmp_pat
 def test_compiling_the_predict_pipeline_needs_only_kfp(tmp_path):
     """As tests/test_pipeline.py checks for full.py: TensorFlow, OpenCV, numpy and the library
     beyond the parameter declaration cannot be imported, and it still compiles."""
-    script = textwrap.dedent(f"""
-        import sys, runpy
-        BLOCKED = ("tensorflow", "keras", "cv2", "numpy", "pandas", "pydicom", "sklearn", "matplotlib")
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                top = name.split(".")[0]
-                if top in BLOCKED or name.startswith("google.cloud") or (
-                        top == "neumo" and name not in ("neumo", "neumo.parameters", "neumo.trial")):
-                    raise ImportError("blocked for this test: " + name)
-        sys.meta_path.insert(0, Block())
-        sys.argv = ["predict.py", "--compile", {str(tmp_path / "p.yaml")!r}]
-        runpy.run_path({str(REPO_ROOT / "pipelines" / "predict.py")!r}, run_name="__main__")
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    compile_with_only_kfp(REPO_ROOT / "pipelines" / "predict.py", tmp_path / "p.yaml")
     assert (tmp_path / "p.yaml").stat().st_size > 5_000
