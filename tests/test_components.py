@@ -44,6 +44,10 @@ def test_fingerprint_ingest_and_plan(dataset, tmp_path):
                          config={}, clahe_clip=0.0, acquisition_copies=9)
 
 
+SETTINGS = ("clahe_clip", "acquisition_copies", "pretrain_task", "pretrain_data", "frozen_layers_count",
+            "threshold_policy")
+
+
 def test_suggest_and_aggregate(tmp_path):
     from components.aggregate.component import aggregate
     from components.suggest.component import suggest
@@ -51,7 +55,7 @@ def test_suggest_and_aggregate(tmp_path):
     history = _artifact(dsl.Dataset, tmp_path / "history.jsonl")
     configs = suggest.python_func(search_space=parameters.preset("smoke")["search_space"], finished=[],
                                   trials_per_round=3, seed=0, round_index=0, results_uri="", config={},
-                                  history_out=history)
+                                  history_out=history, **{k: parameters.default(k) for k in SETTINGS})
     assert [c["trial"] for c in configs] == [0, 1, 2] and all(set(KEYS) <= set(c) for c in configs)
     row = {"run_id": "r", "round": 0, "trial": 0, "status": "ok", "score": 0.75, "model_uri": "m", **configs[0]}
     tables, report = _artifact(dsl.Dataset, tmp_path / "tables"), _artifact(dsl.HTML, tmp_path / "report.html")

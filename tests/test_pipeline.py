@@ -195,6 +195,8 @@ def test_whole_pipeline_runs_locally_and_a_second_run_continues(tmp_path):
         all_rows = list(csv.DictReader(fh))
     assert len(all_rows) == 6 and len({r["run_id"] for r in all_rows}) == 2
     assert len({tuple(r[k] for k in hyper) for r in all_rows}) == 6  # the second run repeated nothing
+    (log,) = (tmp_path / "run2" / "logs").glob("run-*.log")  # round 0 did not learn from the other experiment
+    assert log.read_text().count("recorded with acquisition_copies=1 (this run: 0)") == 4
     seeds = {"pretrain_task": "identity", "pretrain_data": "unlabelled", "acquisition_copies": "0",
              "threshold_policy": "0.5", "frozen_layers_count": "keras", "class_weight": "False"}
     for row in all_rows[4:]:

@@ -121,6 +121,28 @@ def test_a_single_configuration_replaces_the_search(tmp_path):
         stages.plan(search_space=SPACE, manifest_dir=str(tmp_path), config={**config, "loss": "hinge"})
 
 
+def test_warm_start_skips_rows_recorded_with_other_settings(tmp_path, caplog):
+    """A score learnt under another pretraining task, threshold rule or clip is another experiment:
+    round 0 does not learn from it (logged); rows from before a setting was recorded are kept."""
+    good = json.loads(_record(0, score=0.7))["train"]
+    ours = {"clahe_clip": 40.0, "acquisition_copies": 1, "pretrain_task": "restore", "pretrain_data": "unlabelled+train",
+            "frozen_layers_count": "weighted", "threshold_policy": "youden"}
+    rows = [dict(good, **ours), dict(good, learning_rate=0.002),  # recorded as this run / from before recording
+            dict(good, **{**ours, "pretrain_task": "identity"}, learning_rate=0.003),
+            dict(good, **{**ours, "threshold_policy": "0.5", "acquisition_copies": 0}, learning_rate=0.004),
+            dict(good, **{**ours, "clahe_clip": 2.0}, learning_rate=0.005)]
+    results.append_rows(str(tmp_path / results.TRAIN_CSV), rows, results.TRAIN_COLUMNS)
+    counts = {}
+    with caplog.at_level("WARNING", logger="neumo.stages"):
+        stages.suggest(search_space=SPACE, finished=[], trials_per_round=2, history_out=str(tmp_path / "h.jsonl"),
+                       results_uri=str(tmp_path), counts=counts)
+    assert counts == {"used": 2, "skipped": 3}
+    text = caplog.text
+    assert "row 4: recorded with pretrain_task=identity (this run: restore)" in text
+    assert "threshold_policy=0.5 (this run: youden)" in text and "acquisition_copies=0 (this run: 1)" in text
+    assert "clahe_clip=2.0 (this run: 40.0)" in text
+
+
 def test_warm_start_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path, caplog):
     """Rows of the results CSV: a row cut short, an unparsable value, a score outside [0, 1] are
     skipped (one logged reason each, counted); Excel's TRUE is read as true, not as false."""

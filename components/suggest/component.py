@@ -15,13 +15,19 @@ def suggest(
     round_index: int,
     results_uri: str,
     config: dict,
+    clahe_clip: float,
+    acquisition_copies: int,
+    pretrain_task: str,
+    pretrain_data: str,
+    frozen_layers_count: str,
+    threshold_policy: str,
     history_out: Output[Dataset],
     history_in: Input[Dataset] = None,
 ) -> List[dict]:
     """The next batch of trial configurations (mango, batch mode) from every finished trial: the
     earlier rounds' history, the last round's results and, on the first round, the training CSV
-    already at the results URI, so a scheduled run continues the search. A given `config` is
-    returned as the only trial (a single run, no tuning)."""
+    already at the results URI (its rows recorded with this run's settings), so a scheduled run
+    continues the search. A given `config` is returned as the only trial (a single run, no tuning)."""
     import logging
 
     from neumo import stages
@@ -31,6 +37,9 @@ def suggest(
     configs = stages.suggest(search_space=search_space, history_in=history_in.path if history_in else "",
                              finished=finished, trials_per_round=trials_per_round, seed=seed,
                              history_out=history_out.path, results_uri=results_uri, round_index=round_index,
-                             config=config, counts=counts)
+                             config=config, counts=counts, clahe_clip=clahe_clip,
+                             acquisition_copies=acquisition_copies, pretrain_task=pretrain_task,
+                             pretrain_data=pretrain_data, frozen_layers_count=frozen_layers_count,
+                             threshold_policy=threshold_policy)
     history_out.metadata.update(counts)
     return configs

@@ -301,10 +301,16 @@ def _variant(catalog_path: str, pixels: int, use_mask: bool) -> dict:
 
 def suggest(*, search_space: dict = D["search_space"], history_in: str = "", finished: list[str], history_out: str,
             trials_per_round: int = D["trials_per_round"], seed: int = D["seed"], results_uri: str = "",
-            round_index: int = 0, config: dict = D["config"], counts: dict | None = None) -> list[dict]:
+            round_index: int = 0, config: dict = D["config"], counts: dict | None = None,
+            clahe_clip: float = D["clahe_clip"], acquisition_copies: int = D["acquisition_copies"],
+            pretrain_task: str = D["pretrain_task"], pretrain_data: str = D["pretrain_data"],
+            frozen_layers_count: str = D["frozen_layers_count"], threshold_policy: str = D["threshold_policy"]
+            ) -> list[dict]:
     """The next batch of configurations from every finished trial: earlier rounds (history_in,
     a JSON-lines file of trial records), the last round (`finished`, JSON strings) and, on the
-    first round, the training CSV already at results_uri (so a recurring run continues). A given
+    first round, the training CSV already at results_uri (so a recurring run continues) — only its
+    rows recorded with this run's settings (the clip, copies, pretraining task and data, frozen-layer
+    count and threshold policy: a score under other settings is another experiment's). A given
     `config` is the batch (a single run: no tuning). `counts`, when given, is filled with how many
     trials were used and how many rows were skipped (each skip is logged with its reason)."""
     from neumo import results, trial, tuning
@@ -320,7 +326,10 @@ def suggest(*, search_space: dict = D["search_space"], history_in: str = "", fin
     if results_uri and round_index == 0:
         csv_uri = storage.join(results_uri, results.TRAIN_CSV)
         previous = results.read_rows(csv_uri)
-        from_csv = [_trial_point(r, f"{csv_uri} row {i + 2}") for i, r in enumerate(previous)]  # row 1: header
+        settings = {"clahe_clip": clahe_clip, "acquisition_copies": acquisition_copies, "pretrain_task": pretrain_task,
+                    "pretrain_data": pretrain_data, "frozen_layers_count": frozen_layers_count,
+                    "threshold_policy": threshold_policy}
+        from_csv = [_trial_point(r, f"{csv_uri} row {i + 2}", settings) for i, r in enumerate(previous)]  # 1: header
         points += [p for p in from_csv if p is None or space.contains(p)]
     used = [p for p in points if p is not None]
     if counts is not None:
@@ -359,12 +368,38 @@ def _read_records(path: str) -> list[dict]:
     return records
 
 
-def _trial_point(row: dict, where: str) -> dict | None:
+def _other_settings(row: dict, settings: dict) -> str:
+    """How a training row's recorded settings differ from `settings` ("" when they do not; a
+    setting the row does not record, from before it was recorded, is not held against it)."""
+    from neumo import imaging
+
+    wanted = dict(settings)
+    if "clahe_clip" in wanted:
+        wanted["clahe_clip"] = float(wanted["clahe_clip"] or imaging.OPENCV_DEFAULT_CLIP)
+    differ = []
+    for name, value in wanted.items():
+        recorded = str(row.get(name, "")).strip()
+        if recorded in ("", UNKNOWN):
+            continue
+        try:
+            same = type(value)(float(recorded) if isinstance(value, (int, float)) else recorded) == value
+        except ValueError:
+            same = False
+        if not same:
+            differ.append(f"{name}={recorded} (this run: {value})")
+    return ", ".join(differ)
+
+
+def _trial_point(row: dict, where: str, settings: dict | None = None) -> dict | None:
     """A training row as the optimiser sees it: the configuration and its score (None for a failed
     trial); None, with one logged reason, for a row the optimiser cannot use (a configuration that
-    does not parse, a score that is not a number in [0, 1])."""
+    does not parse, a score that is not a number in [0, 1], other `settings` than this run's)."""
     from neumo import trial
 
+    other = _other_settings(row, settings or {})
+    if other:
+        logger.warning("suggest: skipped %s: recorded with %s", where, other)
+        return None
     try:
         point = trial.coerce(row, what=where)
         ok = str(row.get("status", "ok")).strip().lower() == "ok"
