@@ -166,17 +166,14 @@ def _read_one(uri, file_id, split, label, seen, masks_uri, sharing=1, size=None)
     PatientID when it has one, else the file-name rule of patient_id); `sharing`: how many
     candidates share its folder and stem (more than one: a mask found by stem is ambiguous);
     `size`: its size from the listing, if known (over MAX_FILE_BYTES it is refused unread)."""
-    try:
-        data = _read_capped(uri, size)
-    except OSError as err:
-        return None, "rejected", f"unreadable: {err}"
-    except FileTooLarge as err:
-        return None, "rejected", str(err)
+    data, reason = read_file(uri, size)
+    if data is None:
+        return None, "rejected", reason
     checksum = hashlib.sha256(data).hexdigest()
     if checksum in seen:
         return None, "duplicate", f"same bytes as {seen[checksum]}"
     try:  # the header is checked first: bombs, tiny images, strips and 12-bit JPEGs are never decoded
-        image, header = imaging.decode_with_header(data, min_side=imaging.MIN_SIDE, max_aspect=imaging.MAX_ASPECT)
+        image, header = decode_file(data)
         grey = imaging.to_grey(image)
     except imaging.ImageError as err:
         return None, "rejected", str(err)
@@ -191,6 +188,23 @@ def _read_one(uri, file_id, split, label, seen, masks_uri, sharing=1, size=None)
         "mask_uri": mask_uri,
     }
     return row, "accepted", reason
+
+
+def read_file(uri: str, size: int | None = None) -> tuple[bytes | None, str]:
+    """(the file's bytes, "") or (None, the reason ingest reports): unreadable, or over the size
+    cap (refused unread when `size`, from the listing, says so). `neumo predict` reads files so too."""
+    try:
+        return _read_capped(uri, size), ""
+    except OSError as err:
+        return None, f"unreadable: {err}"
+    except FileTooLarge as err:
+        return None, str(err)
+
+
+def decode_file(data: bytes) -> tuple[np.ndarray, dict]:
+    """(image, DICOM header or {}) with ingest's checks (too small, too large, extreme aspect ratio,
+    damaged or unsupported data: imaging.ImageError with the reason)."""
+    return imaging.decode_with_header(data, min_side=imaging.MIN_SIDE, max_aspect=imaging.MAX_ASPECT)
 
 
 def _find_mask(masks_uri: str, file_id: str, shape: tuple[int, int], sharing: int = 1) -> tuple[str, str]:

@@ -89,17 +89,13 @@ def split(items: list[dict], shards: int) -> list[list[dict]]:
 # --- reading: as ingest reads ----------------------------------------------------------------------
 
 def read_image(uri: str, size: int | None = None) -> tuple[np.ndarray | None, str]:
-    """(decoded image, "") or (None, the reason ingest reports for this file): the size cap before
-    reading, then imaging.decode with ingest's checks (too small, too large, extreme aspect ratio,
-    damaged or unsupported data)."""
+    """(decoded image, "") or (None, the reason ingest reports for this file), read and decoded as
+    ingest does (ingest.read_file, ingest.decode_file)."""
+    data, reason = ingest.read_file(uri, size)
+    if data is None:
+        return None, reason
     try:
-        data = ingest._read_capped(uri, size)
-    except OSError as err:
-        return None, f"unreadable: {err}"
-    except ingest.FileTooLarge as err:
-        return None, str(err)
-    try:
-        return imaging.decode(data, min_side=imaging.MIN_SIDE, max_aspect=imaging.MAX_ASPECT), ""
+        return ingest.decode_file(data)[0], ""
     except imaging.ImageError as err:
         return None, str(err)
 

@@ -375,7 +375,7 @@ def _other_settings(row: dict, settings: dict) -> str:
 
     wanted = dict(settings)
     if "clahe_clip" in wanted:
-        wanted["clahe_clip"] = float(wanted["clahe_clip"] or imaging.OPENCV_DEFAULT_CLIP)
+        wanted["clahe_clip"] = imaging.clahe_limit(wanted["clahe_clip"] or None)  # 0: OpenCV's default
     differ = []
     for name, value in wanted.items():
         recorded = str(row.get(name, "")).strip()
@@ -464,7 +464,7 @@ def trial_context(catalog_path: str, trial: dict, *, frozen_layers_count: str = 
         variant = _read_json(storage.join(entry["data_uri"], "variant.json"))
         clip = variant.get("clahe_clip")
         masker = variant.get("mask_model") or {"source": "none" if not cfg.mask else UNKNOWN}
-        out.update(clahe_clip=imaging.OPENCV_DEFAULT_CLIP if clip is None else float(clip),
+        out.update(clahe_clip=imaging.clahe_limit(clip),
                    acquisition_copies=int(variant.get("acquisition_copies", 0)),
                    mask_model=masker.get("source", UNKNOWN),
                    mask_model_dice=masker["dice"] if "dice" in masker else
