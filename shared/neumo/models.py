@@ -13,6 +13,8 @@ import logging
 import keras
 from keras import layers
 
+from neumo import parameters
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,7 +107,7 @@ def build_backbone(unet: keras.Model) -> keras.Model:
     return keras.Model(unet.input, outputs, name="backbone")
 
 
-FROZEN_COUNTS = ("weighted", "keras")  # neumo.parameters: frozen_layers_count
+FROZEN_COUNTS = parameters.BY_NAME["frozen_layers_count"].choices  # what frozen_layers may count
 
 
 def freeze(backbone: keras.Model, frozen_layers: int, count: str = "weighted") -> int:

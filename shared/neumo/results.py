@@ -120,9 +120,9 @@ def _append_gcs(uri: str, rows: list[dict], columns: list[str]) -> None:
         time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** min(attempt, 6))))  # jittered backoff
 
 
-def backup_uri(uri: str, when: float | None = None) -> str:
-    """Where a migrated CSV's old bytes are kept: NAME.before-YYYYMMDDTHHMMSSZ.csv beside it."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
+def backup_uri(uri: str) -> str:
+    """Where a migrated CSV's old bytes are kept: NAME.before-YYYYMMDDTHHMMSSZ.csv beside it (now)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     base, ext = os.path.splitext(uri)
     return f"{base}.before-{stamp}{ext or '.csv'}"
 
