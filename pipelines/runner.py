@@ -76,7 +76,9 @@ def build_parser(doc: str, single: bool, kind: str = "train") -> argparse.Argume
     p = argparse.ArgumentParser(description=doc, epilog=parameter_list(parameters.of(kind)),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if single:
-        p.add_argument("--config", metavar="FILE", help="the trial configuration (JSON; configs/ has examples)")
+        p.add_argument("--config", metavar="FILE", help="the trial configuration (JSON; configs/ has examples): its "
+                       "hyperparameters, or {\"trial\": {...}, \"parameters\": {...}} with the run's other settings "
+                       "(configs/recommended.json), which --params and --set override")
     p.add_argument("--compile", nargs="?", const="", metavar="PATH", help="write the pipeline YAML (default: NAME.yaml)")
     p.add_argument("--local", action="store_true", help="run the pipeline here with kfp.local")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -115,9 +117,10 @@ def build_parser(doc: str, single: bool, kind: str = "train") -> argparse.Argume
     return p
 
 
-def user_values(args: argparse.Namespace) -> tuple[dict, dict]:
-    """(every value: the preset, then --params FILE, then each --set; only what the user gave)."""
-    given: dict = {}
+def user_values(args: argparse.Namespace, base: dict | None = None) -> tuple[dict, dict]:
+    """(every value: the preset, then `base` (a configuration file's parameters), then --params
+    FILE, then each --set; only what the user gave)."""
+    given: dict = dict(base or {})
     if args.params:
         try:
             from_file = json.loads(Path(args.params).read_text())
@@ -138,14 +141,38 @@ def user_values(args: argparse.Namespace) -> tuple[dict, dict]:
     return values, {k: values[k] for k in given}
 
 
-def read_config(path: str) -> dict:
+#: The keys of a configuration file that holds more than a trial (configs/recommended.json).
+CONFIG_KEYS = ("trial", "parameters", "about")
+
+
+def read_config(path: str) -> tuple[dict, dict]:
+    """(the trial's hyperparameters, the run's other parameters) of a --config file: either the
+    trial alone, or {"trial": {...}, "parameters": {...}, "about": "..."}."""
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"--config {path}: cannot read a JSON trial configuration ({err})") from None
     if not isinstance(config, dict):
         raise ValueError(f"--config {path}: must hold a JSON object of the trial's hyperparameters")
-    return config
+    if "trial" not in config:
+        return config, {}
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown key(s) {unknown}; a configuration with a \"trial\" has "
+                         f"{', '.join(CONFIG_KEYS)}")
+    trial, params = config["trial"], config.get("parameters", {})
+    if not isinstance(trial, dict) or not isinstance(params, dict):
+        raise ValueError(f"--config {path}: \"trial\" and \"parameters\" must be JSON objects")
+    bad = sorted(k for k in params if k in ("config", "rounds", "trials_per_round"))
+    if bad:
+        raise ValueError(f"--config {path}: \"parameters\" cannot set {bad} (a single run trains its trial "
+                         "ensemble_size times, once)")
+    for name, value in params.items():
+        try:
+            parameters.parse(name, value)
+        except ValueError as err:
+            raise ValueError(f"--config {path}: parameters.{name}: {err}") from None
+    return trial, params
 
 
 def check(values: dict) -> None:
@@ -176,12 +203,17 @@ def main(factory, *, name: str, doc: str, argv=None, single: bool = False, kind:
     if not sep:
         raise SystemExit(f"--gpu-node-selector must be KEY=VALUE, got {args.gpu_node_selector!r}")
     try:
-        values, given = user_values(args)
+        trial, from_config = ({}, {})
         if single:
             if not args.config:
                 raise ValueError("--config FILE is required: the trial configuration to train (see configs/)")
-            values["config"] = given["config"] = parameters.parse("config", read_config(args.config))
-            values.update(rounds=1, trials_per_round=1, parallelism=1)
+            trial, from_config = read_config(args.config)
+        values, given = user_values(args, from_config)
+        if single:
+            values["config"] = given["config"] = parameters.parse("config", trial)
+            # one round of `ensemble_size` seeds of the configuration (one trial when 1)
+            members = max(1, int(values["ensemble_size"]))
+            values.update(rounds=1, trials_per_round=members, parallelism=members)
         foreign = sorted(set(given) - {p.name for p in own})
         if foreign:
             raise ValueError(f"{', '.join(foreign)}: not a parameter of {name} (its parameters: "

@@ -4,10 +4,15 @@ preprocess, pretrain, train, evaluate, aggregate into the seed's CSVs) for one c
 
     python pipelines/single.py --config configs/trial.json --compile [PATH]
     python pipelines/single.py --config configs/trial.json --local --set dataset_uri=DATA ...
+    python pipelines/single.py --config configs/recommended.json --local --workdir W \
+        --set dataset_uri=DATA --set pretrain_uri=NIH          # the recommended model
 
-The configuration file holds pixels, mask, model, frozen_layers, learning_rate, loss,
-augmentation and class_weight (`configs/` has examples); it is checked and baked into the YAML.
-Every other option is pipelines/full.py's.
+The configuration file holds the trial's pixels, mask, model, frozen_layers, learning_rate, loss,
+augmentation and class_weight, either alone (configs/trial.json) or as {"trial": {...},
+"parameters": {...}} with the run's other settings (configs/recommended.json; --params and --set
+override them); it is checked and baked into the YAML. With ensemble_size K > 1 the trial is
+trained K times (seeds seed .. seed + K - 1) and the run's model is their ensemble. Every other
+option is pipelines/full.py's.
 """
 
 import sys

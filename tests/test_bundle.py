@@ -29,7 +29,7 @@ def _fake(folder, score, run_id="r1", extra=None) -> dict:
     (None, "is not a neumo model bundle: no bundle.json"),
     ("{not json", "bundle.json is not JSON"),
     ('{"format": "something-else", "version": 1}', "does not say format"),
-    ('{"format": "neumo-model-bundle", "version": 99}', "bundle format version 99; this neumo reads up to 1"),
+    ('{"format": "neumo-model-bundle", "version": 99}', "bundle format version 99; this neumo reads up to 2"),
     ('{"format": "neumo-model-bundle", "version": 1}', "bundle.json lacks classifier"),
 ])
 def test_a_folder_that_is_not_a_usable_bundle_is_refused_in_one_line(tmp_path, content, match):

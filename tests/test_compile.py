@@ -110,7 +110,31 @@ def test_every_example_configuration_is_a_valid_trial():
     configs = sorted((REPO_ROOT / "configs").glob("*.json"))
     assert configs
     for path in configs:
-        TrialConfig.from_dict(json.loads(path.read_text()))
+        trial, params = runner.read_config(str(path))
+        TrialConfig.from_dict(trial)
+        parameters.apply(parameters.defaults(), params)
+
+
+def test_a_configuration_with_parameters_is_read_strictly(tmp_path):
+    recommended = json.loads((REPO_ROOT / "configs" / "recommended.json").read_text())
+    trial, params = runner.read_config(str(REPO_ROOT / "configs" / "recommended.json"))
+    assert trial == recommended["trial"] and params == recommended["parameters"]
+    for bad, match in (({**recommended, "extra": 1}, "unknown key"),
+                       ({**recommended, "parameters": {"epochs": "many"}}, "parameters.epochs"),
+                       ({**recommended, "parameters": {"threshold_policy": "median"}}, "parameters.threshold_policy"),
+                       ({**recommended, "parameters": {"rounds": 3}}, "cannot set"),
+                       ({**recommended, "trial": [1]}, "JSON objects")):
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            runner.read_config(str(path))
+    # the file's parameters are baked into the YAML; --set overrides them
+    out = tmp_path / "r.yaml"
+    assert single.main(["--config", str(REPO_ROOT / "configs" / "recommended.json"), "--set", "epochs=2",
+                        "--compile", str(out)]) == 0
+    text = out.read_text()
+    assert "#    epochs: int [Default: 2.0]" in text and "#    pretrain_epochs: int [Default: 3.0]" in text
+    assert "#    ensemble_size: int [Default: 2.0]" in text and "threshold_policy: str [Default: 'pooled_shifts']" in text
 
 
 def test_help_lists_every_parameter_with_its_default():

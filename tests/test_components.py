@@ -37,15 +37,18 @@ def test_fingerprint_ingest_and_plan(dataset, tmp_path):
     assert (tmp_path / "report.md").read_text().startswith("# Ingest report")
     space = parameters.preset("smoke")["search_space"]
     planned = plan.python_func(search_space=space, manifest=manifest, mask_model_uri="", depth=3, results_uri="",
-                               config={}, clahe_clip=0.0, acquisition_copies=1)
+                               config={}, clahe_clip=0.0, acquisition_copies=1, acquisition="tight")
     assert planned == [{"pixels": 64, "mask": False}]
     with pytest.raises(ValueError, match="acquisition_copies"):
         plan.python_func(search_space=space, manifest=manifest, mask_model_uri="", depth=3, results_uri="",
-                         config={}, clahe_clip=0.0, acquisition_copies=9)
+                         config={}, clahe_clip=0.0, acquisition_copies=9, acquisition="tight")
+    with pytest.raises(ValueError, match="acquisition"):
+        plan.python_func(search_space=space, manifest=manifest, mask_model_uri="", depth=3, results_uri="",
+                         config={}, clahe_clip=0.0, acquisition_copies=1, acquisition="sideways")
 
 
 SETTINGS = ("clahe_clip", "acquisition_copies", "pretrain_task", "pretrain_data", "frozen_layers_count",
-            "threshold_policy")
+            "threshold_policy", "acquisition", "selection")
 
 
 def test_suggest_and_aggregate(tmp_path):
@@ -60,7 +63,9 @@ def test_suggest_and_aggregate(tmp_path):
     row = {"run_id": "r", "round": 0, "trial": 0, "status": "ok", "score": 0.75, "model_uri": "m", **configs[0]}
     tables, report = _artifact(dsl.Dataset, tmp_path / "tables"), _artifact(dsl.HTML, tmp_path / "report.html")
     aggregate.python_func(finished=[json.dumps({"train": row, "eval": []})], history=history,
-                          results_uri=str(tmp_path / "results"), tables=tables, report=report)
+                          results_uri=str(tmp_path / "results"), tables=tables, report=report,
+                          **{k: parameters.default(k) for k in ("ensemble_size", "threshold_policy", "selection",
+                                                                "bootstrap")})
     assert tables.metadata["trials"] == 1 and tables.metadata["best_score"] == 0.75
     assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert (tmp_path / "results" / "train_max_unsupervised.csv").exists()
@@ -73,6 +78,7 @@ def test_evaluate_passes_a_failed_trial_on():
     row = stages.failed_row({"pixels": 64.0, "round": 1.0, "trial": 2.0}, "ValueError: boom")
     out = evaluate.python_func(train_row=json.dumps(row), classifier=dsl.Model(uri="/nonexistent/model"),
                                catalog=dsl.Dataset(uri="/nonexistent/catalog"), bootstrap=D["bootstrap"],
+                               tta_copies=D["tta_copies"],
                                predictions=dsl.Dataset(uri="/nonexistent/p"), metrics=dsl.Metrics(uri="/nonexistent/x"),
                                roc=dsl.ClassificationMetrics(uri="/nonexistent/r"))
     assert json.loads(out) == {"train": row, "eval": [], "figures_uri": ""}

@@ -49,7 +49,7 @@ def test_threshold_policies():
     assert sens(th) >= 0.95 and all(sens(x) < 0.95 for x in np.unique(p) if x > th)  # the highest that keeps 0.95
     assert th == pytest.approx(np.linspace(0.05, 0.95, 20)[1])  # 19 of 20 positives: the lowest one given up
     assert evaluation.choose_threshold([1, 1], [0.2, 0.9], "sensitivity_0.95") == 0.5
-    assert set(evaluation.THRESHOLD_POLICIES) == {"youden", "0.5", "sensitivity_0.95"}
+    assert set(evaluation.THRESHOLD_POLICIES) == {"youden", "0.5", "sensitivity_0.95", "pooled_shifts"}
     with pytest.raises(ValueError, match="threshold_policy must be one of"):
         evaluation.choose_threshold(t, p, "f1")
     assert evaluation.metrics([0, 1], [0.5, 0.5], evaluation.KERAS_THRESHOLD)["accuracy"] == 0.5  # p > 0.5, as Keras

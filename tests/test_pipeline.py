@@ -214,21 +214,43 @@ def test_the_seed_preset_compiles_the_groups_experiment(tmp_path):
 
 
 @pytest.mark.slow
-def test_single_run_trains_one_configuration(tmp_path):
-    """pipelines/single.py: the seed's independent training, same stages, one CSV row, reproducible."""
-    from neumo import results, synthetic
+def test_the_recommended_model_trains_by_one_command(tmp_path):
+    """configs/recommended.json, at a tiny size with the same file's structure, by the README's one
+    command: the trial trained once per ensemble member (seed, seed + 1), each row recording the
+    file's settings, the ensemble evaluated (trial "ensemble") and published as the run's model."""
+    from neumo import bundle, results, synthetic
 
+    recommended = json.loads((REPO_ROOT / "configs" / "recommended.json").read_text())
+    tiny = {"pretrain_epochs": 1, "epochs": 1, "patience": 1, "ensemble_size": 2, "tta_copies": 1}
+    small = {"filters": 4, "depth": 3, "bootstrap": 20}  # sizes the file leaves at their defaults
+    config = {**recommended, "trial": {**recommended["trial"], "pixels": 64},
+              "parameters": {**recommended["parameters"], **{k: v for k, v in tiny.items()
+                                                             if k in recommended["parameters"]}, **small}}
+    assert set(config) == set(recommended) and set(recommended["parameters"]) <= set(config["parameters"])
+    (tmp_path / "recommended.json").write_text(json.dumps(config))
     data = tmp_path / "data"
-    synthetic.write_kaggle(str(data / "images"), {"train": (12, 12), "test": (3, 3)}, size=64, seed=0)
-    config = {"pixels": 64, "mask": False, "model": 1, "frozen_layers": 4, "learning_rate": 0.002, "loss": "bce",
-              "augmentation": "light", "class_weight": True}
-    (tmp_path / "trial.json").write_text(json.dumps(config))
-    args = ["--config", str(tmp_path / "trial.json"), "--local", "--workdir", str(tmp_path / "run"),
-            "--set", f"dataset_uri={data / 'images'}", "--set", "pretrain_epochs=1", "--set", "filters=4",
-            "--set", "depth=3", "--set", "epochs=1", "--set", "bootstrap=20", "--set", f"search_space={TINY_SPACE}"]
+    synthetic.write_kaggle(str(data / "images"), {"train": (12, 12), "val": (2, 2), "test": (3, 3)}, size=64, seed=0)
+    synthetic.write_nih(str(data / "nih"), 6, size=64, seed=1)
+    args = ["--config", str(tmp_path / "recommended.json"), "--local", "--workdir", str(tmp_path / "run"),
+            "--set", f"dataset_uri={data / 'images'}", "--set", f"pretrain_uri={data / 'nih'}"]
     done = subprocess.run([sys.executable, str(REPO_ROOT / "pipelines" / "single.py"), *args], capture_output=True,
-                          text=True, timeout=600, cwd=tmp_path)
+                          text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    with open(tmp_path / "run" / "results" / results.TRAIN_CSV) as fh:
-        (row,) = list(csv.DictReader(fh))
-    assert row["status"] == "ok" and row["model"] == "1" and row["frozen_layers"] == "4" and row["loss"] == "bce"
+    out = tmp_path / "run" / "results"
+    with open(out / results.TRAIN_CSV) as fh:
+        rows = list(csv.DictReader(fh))
+    members = config["parameters"]["ensemble_size"]
+    assert [r["seed"] for r in rows] == [str(k) for k in range(members)]
+    for row in rows:
+        assert row["status"] == "ok", row["error"]
+        assert all(row[k] == str(config["trial"][k]) for k in ("pixels", "model", "frozen_layers", "loss", "augmentation"))
+        for name in ("acquisition", "selection", "threshold_policy", "acquisition_copies", "pretrain_task"):
+            assert row[name] == str(config["parameters"][name]), name
+        assert float(row["score"]) == float(row["shift_score"])
+    with open(out / results.EVAL_CSV) as fh:
+        evals = list(csv.DictReader(fh))
+    ensemble = [e for e in evals if e["trial"] == "ensemble"]
+    assert {e["split"] for e in ensemble} == {"test", "val", "test+val", "valid"}
+    assert all(e["threshold_policy"] == config["parameters"]["threshold_policy"] for e in ensemble)
+    info = bundle.read_info(str(out / "models" / "best"))
+    assert info["kind"] == "ensemble" and len(info["members"]) == members

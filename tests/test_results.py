@@ -35,7 +35,7 @@ def csv_uri(request, tmp_path):
 def test_file_names():
     assert results.TRAIN_CSV == "train_max_unsupervised.csv"
     assert results.EVAL_CSV == "image_class_evaluation_unsupervised.csv"
-    assert len(set(TRAIN_COLUMNS)) == len(TRAIN_COLUMNS) == 39 and len(set(EVAL_COLUMNS)) == len(EVAL_COLUMNS) == 37
+    assert len(set(TRAIN_COLUMNS)) == len(TRAIN_COLUMNS) == 43 and len(set(EVAL_COLUMNS)) == len(EVAL_COLUMNS) == 40
 
 
 def test_append_creates_then_keeps_earlier_bytes(csv_uri):

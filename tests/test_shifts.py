@@ -1,4 +1,5 @@
-"""Acquisition shifts keep the contract (grey uint8, same shape) and really change the image."""
+"""Acquisition shifts keep the contract (grey uint8; the same shape unless they change the field
+of view, which the seed's resize then squares) and really change the image."""
 
 import numpy as np
 import pytest
@@ -10,8 +11,11 @@ from neumo import shifts, synthetic
 def test_shift_contract(name):
     image, _ = synthetic.make_xray(3, 128)
     out = shifts.SHIFTS[name](image)
-    assert out.shape == image.shape and out.dtype == np.uint8
-    assert np.abs(out.astype(int) - image).mean() > 0.5
+    assert out.dtype == np.uint8 and out.ndim == 2
+    if out.shape == image.shape:
+        assert np.abs(out.astype(int) - image).mean() > 0.5
+    else:
+        assert name in ("wide view 1.2", "aspect 0.8")
 
 
 def test_marker_is_bright_and_local():

@@ -111,9 +111,13 @@ def test_fingerprint_changes_with_the_data_only(tmp_path, gcs_bucket):
 def test_a_single_configuration_replaces_the_search(tmp_path):
     config = {"pixels": 64.0, "mask": False, "model": 2, "frozen_layers": 0, "learning_rate": 0.001, "loss": "focal",
               "augmentation": "none", "class_weight": True}
-    batch = stages.suggest(search_space=SPACE, finished=[], trials_per_round=4, history_out=str(tmp_path / "h.jsonl"),
+    batch = stages.suggest(search_space=SPACE, finished=[], trials_per_round=1, history_out=str(tmp_path / "h.jsonl"),
                            round_index=0, config=config)
-    assert batch == [{**config, "pixels": 64, "round": 0, "trial": 0}]
+    assert batch == [{**config, "pixels": 64, "round": 0, "trial": 0, "seed_offset": 0}]
+    # an ensemble of seeds: the same configuration K times, the k-th trained with seed + k
+    members = stages.suggest(search_space=SPACE, finished=[], trials_per_round=3, history_out=str(tmp_path / "h.jsonl"),
+                             round_index=0, config=config)
+    assert members == [{**config, "pixels": 64, "round": 0, "trial": k, "seed_offset": k} for k in range(3)]
     folds = {"train": {"NORMAL": 8, "PNEUMONIA": 8}, "valid": {"NORMAL": 2, "PNEUMONIA": 2}}
     (tmp_path / "summary.json").write_text(json.dumps({"with_mask": 0, "folds": folds}))
     assert stages.plan(search_space=SPACE, manifest_dir=str(tmp_path), config=config) == [{"pixels": 64, "mask": False}]
@@ -126,7 +130,7 @@ def test_warm_start_skips_rows_recorded_with_other_settings(tmp_path, caplog):
     round 0 does not learn from it (logged); rows from before a setting was recorded are kept."""
     good = json.loads(_record(0, score=0.7))["train"]
     ours = {"clahe_clip": 40.0, "acquisition_copies": 1, "pretrain_task": "restore", "pretrain_data": "unlabelled+train",
-            "frozen_layers_count": "weighted", "threshold_policy": "youden"}
+            "frozen_layers_count": "weighted", "threshold_policy": "youden", "acquisition": "tight", "selection": "auc"}
     rows = [dict(good, **ours), dict(good, learning_rate=0.002),  # recorded as this run / from before recording
             dict(good, **{**ours, "pretrain_task": "identity"}, learning_rate=0.003),
             dict(good, **{**ours, "threshold_policy": "0.5", "acquisition_copies": 0}, learning_rate=0.004),
@@ -135,12 +139,20 @@ def test_warm_start_skips_rows_recorded_with_other_settings(tmp_path, caplog):
     counts = {}
     with caplog.at_level("WARNING", logger="neumo.stages"):
         stages.suggest(search_space=SPACE, finished=[], trials_per_round=2, history_out=str(tmp_path / "h.jsonl"),
-                       results_uri=str(tmp_path), counts=counts)
+                       results_uri=str(tmp_path), counts=counts, selection="auc", acquisition="tight")
     assert counts == {"used": 2, "skipped": 3}
     text = caplog.text
     assert "row 4: recorded with pretrain_task=identity (this run: restore)" in text
     assert "threshold_policy=0.5 (this run: youden)" in text and "acquisition_copies=0 (this run: 1)" in text
     assert "clahe_clip=2.0 (this run: 40.0)" in text
+    # a run that selects by the shift score learns nothing from AUC scores, recorded or from before
+    # the selection was recorded (whose score was the valid AUC)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="neumo.stages"):
+        stages.suggest(search_space=SPACE, finished=[], trials_per_round=2, history_out=str(tmp_path / "h.jsonl"),
+                       results_uri=str(tmp_path), counts=counts, selection="shift")
+    assert counts == {"used": 0, "skipped": 5}
+    assert caplog.text.count("selection=auc (this run: shift)") == 5
 
 
 def test_warm_start_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path, caplog):
@@ -154,7 +166,7 @@ def test_warm_start_rows_that_cannot_be_used_are_skipped_with_a_reason(tmp_path,
     counts = {}
     with caplog.at_level("WARNING", logger="neumo.stages"):
         stages.suggest(search_space=space, finished=[], trials_per_round=2, history_out=str(tmp_path / "h.jsonl"),
-                       results_uri=str(tmp_path), counts=counts)
+                       results_uri=str(tmp_path), counts=counts, selection="auc", acquisition="tight")
     assert counts == {"used": 2, "skipped": 3}
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 3 and any("score 7.5" in m for m in skipped) and any("row 4" in m for m in skipped)

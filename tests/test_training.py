@@ -161,7 +161,7 @@ def test_train_component_turns_a_failing_trial_into_a_failed_row(variant, tmp_pa
         rows[name] = json.loads(train.python_func(trial=config, catalog=dsl.Dataset(uri=str(catalog)), classifier=model,
                                                   epochs=1, batch_size=8, patience=3, seed=0, run_id="r1",
                                                   results_uri="", frozen_layers_count="keras",
-                                                  threshold_policy="sensitivity_0.95"))
+                                                  threshold_policy="sensitivity_0.95", selection="shift"))
         assert model.metadata["status"] == rows[name]["status"]
     assert rows["ok"]["status"] == "ok" and rows["ok"]["model_uri"] == str(tmp_path / "ok")
     assert rows["bad"]["status"] == "failed" and "frozen_layers must be in 0.." in rows["bad"]["error"]
@@ -170,7 +170,8 @@ def test_train_component_turns_a_failing_trial_into_a_failed_row(variant, tmp_pa
     recorded = {"clahe_clip": 40.0, "acquisition_copies": 1, "mask_model": "none", "mask_model_dice": "none",
                 "pretrain_task": "restore", "pretrain_data": "unlabelled+train", "pretrain_epochs": 2,
                 "pretrain_data_version": json.loads((root / "p" / "variant.json").read_text())["data_version"],
-                "frozen_layers_count": "keras", "threshold_policy": "sensitivity_0.95"}
+                "frozen_layers_count": "keras", "threshold_policy": "sensitivity_0.95", "acquisition": "varied",
+                "selection": "shift"}
     for name in ("ok", "bad"):
         assert {k: rows[name][k] for k in recorded} == recorded, name
         assert rows[name]["pretrain_images"] == json.loads((root / "b" / "pretrain.json").read_text())["images"]

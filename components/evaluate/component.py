@@ -10,6 +10,7 @@ def evaluate(
     classifier: Input[Model],
     catalog: Input[Dataset],
     bootstrap: int,
+    tta_copies: int,
     predictions: Output[Dataset],
     metrics: Output[Metrics],
     roc: Output[ClassificationMetrics],
@@ -17,7 +18,8 @@ def evaluate(
     """Evaluate a trained trial on the seed's test splits (test, val, test+val) and our validation
     fold at the threshold stored with the model: loss, accuracy, AUC with a 95% bootstrap
     interval, sensitivity, specificity, precision, F1, confusion matrix, per-image predictions, and
-    ROC, confusion-matrix and Grad-CAM pictures beside them. Returns the trial record (training
+    ROC, confusion-matrix and Grad-CAM pictures beside them, and the model bundle (`tta_copies`
+    test-time augmentation views averaged when above 0). Returns the trial record (training
     row + evaluation rows) as JSON."""
     import json
     import logging
@@ -26,7 +28,8 @@ def evaluate(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     record = stages.evaluate(model_dir=classifier.path, catalog_path=catalog.path, train_row=json.loads(train_row),
-                             out_dir=predictions.path, bootstrap=bootstrap, out_uri=predictions.uri)
+                             out_dir=predictions.path, bootstrap=bootstrap, out_uri=predictions.uri,
+                             tta_copies=tta_copies)
     shown = stages.shown_metrics(record)
     if shown:
         for name, value in shown["metrics"].items():

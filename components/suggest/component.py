@@ -21,13 +21,15 @@ def suggest(
     pretrain_data: str,
     frozen_layers_count: str,
     threshold_policy: str,
+    acquisition: str,
+    selection: str,
     history_out: Output[Dataset],
     history_in: Input[Dataset] = None,
 ) -> List[dict]:
     """The next batch of trial configurations (mango, batch mode) from every finished trial: the
     earlier rounds' history, the last round's results and, on the first round, the training CSV
     already at the results URI (its rows recorded with this run's settings), so a scheduled run
-    continues the search. A given `config` is returned as the only trial (a single run, no tuning)."""
+    continues the search. A given `config` is the batch (a single run, no tuning: `trials_per_round` seeds of it)."""
     import logging
 
     from neumo import stages
@@ -40,6 +42,6 @@ def suggest(
                              config=config, counts=counts, clahe_clip=clahe_clip,
                              acquisition_copies=acquisition_copies, pretrain_task=pretrain_task,
                              pretrain_data=pretrain_data, frozen_layers_count=frozen_layers_count,
-                             threshold_policy=threshold_policy)
+                             threshold_policy=threshold_policy, acquisition=acquisition, selection=selection)
     history_out.metadata.update(counts)
     return configs

@@ -16,10 +16,11 @@ def train(
     results_uri: str,
     frozen_layers_count: str,
     threshold_policy: str,
+    selection: str,
     classifier: Output[Model],
 ) -> str:
     """Train one classifier trial (`trial`: its configuration; model 1 or 2 on its variant's pretrained backbone, Adam, best
-    epoch kept, threshold chosen on the validation fold by `threshold_policy`). Returns its training-CSV row as JSON; a
+    epoch by the `selection` score, threshold chosen on the validation fold by `threshold_policy`). Returns its training-CSV row as JSON; a
     trial that fails returns a failed row with the reason instead of sinking the round. The training
     state is backed up under `results_uri` each epoch, so a preempted, retried pod resumes."""
     import json
@@ -31,6 +32,6 @@ def train(
     row = stages.train(trial=trial, catalog_path=catalog.path, out_dir=classifier.path, model_uri=classifier.uri,
                        epochs=epochs, batch_size=batch_size, patience=patience, seed=seed, run_id=run_id,
                        results_uri=results_uri, frozen_layers_count=frozen_layers_count,
-                       threshold_policy=threshold_policy)
+                       threshold_policy=threshold_policy, selection=selection)
     classifier.metadata.update(stages.trial_metadata(row))
     return json.dumps(row)

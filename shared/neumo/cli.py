@@ -11,6 +11,7 @@
     neumo evaluate --model work/trial0 --catalog work/catalog.json --train-row work/trial0/row.json --out work/eval0
     neumo aggregate --history work/history.jsonl --results-uri work/results --out work/report
     neumo compare --a work/eval0 --b work/eval1 --split test   # McNemar + paired bootstrap AUC
+    neumo ensemble --out work/ensemble work/eval0/bundle work/eval1/bundle   # average K bundles into one
     neumo predict --bundle work/results/models/best --out work/scored new_images/ gs://BUCKET/incoming x.dcm
     neumo synthetic --out work/synthetic     # synthetic chest X-rays in Kaggle + NIH layouts
     neumo demo-data --out work/demo/data.json   # the data `make demo` runs on (real if found, else synthetic)
@@ -129,6 +130,16 @@ def _aggregate(a):
 
 def _predict(a):
     return _stages().predict(bundle_uri=a.bundle, inputs=a.inputs, out_dir=a.out)
+
+
+def _ensemble(a):
+    from neumo import ensemble
+
+    made = ensemble.combine(a.members, a.out, policy=a.policy, selection=a.selection, resamples=a.bootstrap,
+                            base={"run_id": a.run_id})
+    valid = next((r for r in made["eval_rows"] if r["split"] == "valid"), {})
+    return {"bundle": a.out, "members": len(a.members), "valid_auc": valid.get("auc"),
+            "shift_score": made["shift_score"], "score": made["score"], "threshold": made["threshold"]}
 
 
 def _compare(a):
@@ -294,6 +305,18 @@ def build_parser(values: dict | None = None) -> argparse.ArgumentParser:
                    "evaluate output's bundle/ (folder or gs://)")
     s.add_argument("--out", required=True, help="the folder to write predictions.csv, gradcam/ and index.html to")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, gs:// prefixes or image files (PNG, JPEG, DICOM)")
+
+    s = stage("ensemble", _ensemble, "average evaluated model bundles into one ensemble bundle: the threshold, "
+              "shift score, evaluation and model card of the averaged probabilities; usable by predict and publishing")
+    s.add_argument("--out", required=True, help="the folder or gs:// prefix to write the ensemble bundle to")
+    s.add_argument("--policy", choices=parameters.BY_NAME["threshold_policy"].choices, default=values["threshold_policy"],
+                   help=f"{parameters.BY_NAME['threshold_policy'].help} (default: {values['threshold_policy']})")
+    s.add_argument("--selection", choices=parameters.BY_NAME["selection"].choices, default=values["selection"],
+                   help=f"the score the ensemble records: shift or auc (default: {values['selection']})")
+    s.add_argument("--bootstrap", type=int, default=values["bootstrap"], help=parameters.BY_NAME["bootstrap"].help)
+    s.add_argument("--run-id", default="", help="the run id its evaluation rows and score carry")
+    s.add_argument("members", nargs="+", metavar="MEMBER", help="member bundles (evaluate outputs' bundle/, "
+                   "RESULTS_URI/models/RUN_ID; folders or gs://), evaluated on the same valid fold")
 
     s = stage("compare", _compare, "paired comparison of two evaluated models: McNemar and paired bootstrap AUC")
     s.add_argument("--a", required=True, help="evaluate output folder of model A (predictions.csv)")

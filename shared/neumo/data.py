@@ -6,7 +6,8 @@ A prepared variant (one pixels x mask combination) is a folder:
     <fold>/shard-00000.npz          images uint8 (N, p, p) after CLAHE, targets int8 (N,), ids (N,)
 
 Folds: `train` and `valid` (the seeded patient-level 0.8/0.2 split of the official train split),
-`val` and `test` (the official splits), `unlabelled` (pretraining images). The expensive part
+`val` and `test` (the official splits), `unlabelled` (pretraining images), `shifted` (the valid
+images under each acquisition shift of the suite, made by preprocess). The expensive part
 (decode, mask, resize, CLAHE) is done once; training only z-scores and augments.
 
 Two ways in: :func:`load_fold` + :func:`make_dataset` hold a fold in memory (evaluation, small
@@ -30,7 +31,10 @@ from neumo.trial import AUGMENTATIONS  # the trial vocabulary: augmenter() imple
 
 logger = logging.getLogger(__name__)
 
-FOLDS = ("train", "valid", "val", "test", "unlabelled")
+FOLDS = ("train", "valid", "val", "test", "unlabelled", "shifted")
+#: Folds the preprocess stage derives (never a manifest's): "shifted", the valid fold's images under
+#: each acquisition shift of neumo.shifts.SHIFTS (ids "<id>~shift:<name>"), for the selection score.
+DERIVED = ("shifted",)
 #: A fold whose stored images fit in this many bytes is cached in memory after the first epoch.
 CACHE_BYTES = 2 * 2**30
 #: Memory for the element shuffle buffer of a streamed (uncached) fold.

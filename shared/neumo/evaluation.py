@@ -74,15 +74,87 @@ def sensitivity_threshold(targets, probs, sensitivity: float = SCREENING_SENSITI
     return float(thresholds[int(np.flatnonzero(tpr >= sensitivity - 1e-12)[0])])
 
 
-def choose_threshold(targets, probs, policy: str) -> float:
-    """The decision threshold by `policy` (one of THRESHOLD_POLICIES), chosen on these images."""
+def choose_threshold(targets, probs, policy: str, shifted_targets=None, shifted_probs=None) -> float:
+    """The decision threshold by `policy` (one of THRESHOLD_POLICIES), chosen on these images;
+    "pooled_shifts" pools them with their acquisition-shifted copies (`shifted_*`, needed)."""
     if policy == "youden":
         return youden_threshold(targets, probs)
     if policy == "0.5":
         return 0.5
     if policy == "sensitivity_0.95":
         return sensitivity_threshold(targets, probs)
+    if policy == "pooled_shifts":
+        if shifted_probs is None or len(shifted_probs) == 0:
+            raise ValueError("threshold_policy pooled_shifts needs the valid fold's shifted copies (the variant's "
+                             "'shifted' fold): prepare the variant again with this neumo")
+        return youden_threshold(np.concatenate([np.asarray(targets).ravel(), np.asarray(shifted_targets).ravel()]),
+                                np.concatenate([np.asarray(probs).ravel(), np.asarray(shifted_probs).ravel()]))
     raise ValueError(f"threshold_policy must be one of {THRESHOLD_POLICIES}, got {policy!r}")
+
+
+def balanced_accuracy(targets, probs, threshold: float) -> float:
+    """(sensitivity + specificity) / 2 at `threshold`; the one defined when a class is absent."""
+    t, p = _check(targets, probs)
+    pred = p >= threshold
+    rates = [float(np.mean(pred[t == 1])) if (t == 1).any() else None,
+             float(np.mean(~pred[t == 0])) if (t == 0).any() else None]
+    rates = [r for r in rates if r is not None]
+    return float(np.mean(rates)) if rates else float("nan")
+
+
+#: The name of the valid fold as acquired among the shift scores.
+AS_ACQUIRED = "as acquired"
+
+
+def shift_score(targets, probs, threshold: float, shifted: dict) -> dict:
+    """The selection score that sees a new site: the WORST balanced accuracy at the stored
+    threshold over the valid fold as acquired and under each acquisition shift (`shifted`: shift
+    name -> (targets, probabilities) of the shifted copies). A model whose healthy images drift
+    above its threshold when the scanner changes scores low, however high its valid AUC (which a
+    shift barely moves: README Science). Returns {"shift_score", "worst_shift", "balanced_accuracy":
+    {name: value}}."""
+    scores = {AS_ACQUIRED: balanced_accuracy(targets, probs, threshold)}
+    for name, (t, p) in shifted.items():
+        scores[name] = balanced_accuracy(t, p, threshold)
+    finite = {k: v for k, v in scores.items() if np.isfinite(v)}
+    worst = min(finite, key=finite.get) if finite else AS_ACQUIRED
+    return {"shift_score": float(finite.get(worst, float("nan"))), "worst_shift": worst, "balanced_accuracy": scores}
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(probs, temperature: float) -> np.ndarray:
+    """Probabilities rescaled by temperature scaling: sigmoid(logit(p) / T) (T = 1: unchanged)."""
+    return 1.0 / (1.0 + np.exp(-_logit(probs) / float(temperature)))
+
+
+def fit_temperature(targets, probs) -> float:
+    """The temperature T > 0 minimising the cross-entropy of sigmoid(logit(p) / T) on these images
+    (Guo et al. 2017): a grid over log T, then golden-section refinement. It changes no ranking
+    and no decision at 0.5; it makes the stated probabilities mean what they say. 1.0 with one class."""
+    t, p = _check(targets, probs)
+    if t.size == 0 or t.min() == t.max():
+        return 1.0
+    z = _logit(p)
+
+    def nll(log_t: float) -> float:
+        q = np.clip(1.0 / (1.0 + np.exp(-z / np.exp(log_t))), 1e-12, 1 - 1e-12)
+        return float(-np.mean(t * np.log(q) + (1 - t) * np.log1p(-q)))
+
+    grid = np.linspace(-3.0, 3.0, 61)
+    best = float(grid[int(np.argmin([nll(g) for g in grid]))])
+    lo, hi = best - 0.1, best + 0.1
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+    return float(np.exp((lo + hi) / 2))
 
 
 def confusion(targets, probs, threshold: float) -> dict[str, int]:
@@ -195,3 +267,50 @@ def calibration(targets, probs, bins: int = 10) -> dict:
     gaps = [abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]]
     return {"n": int(t.size), "bins": rows, "ece": float(ece) if t.size else float("nan"),
             "max_gap": float(max(gaps)) if gaps else float("nan")}
+
+
+# --- the evaluation CSV's rows -------------------------------------------------------------------
+
+#: The splits an evaluation reports: the seed's (test, val, test+val) and our patient-level valid fold.
+EVAL_SPLITS = ("test", "val", "test+val", "valid")
+EVAL_METRICS = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")
+#: The threshold metrics also given at 0.5, as the seed's `model.evaluate` scored (p > 0.5 positive).
+HALF_METRICS = ("accuracy", "sensitivity", "specificity")
+
+
+def splits_present(counts: dict[str, int]) -> list[str]:
+    """The EVAL_SPLITS to evaluate given each fold's image count: a split with images; a pooled
+    split ("test+val") only when every part has images (else it would silently repeat the other)."""
+    return [s for s in EVAL_SPLITS if all(counts.get(part, 0) > 0 for part in s.split("+"))]
+
+
+def split_rows(targets: dict, probs: dict, threshold: float, *, resamples: int, base: dict, policy: str,
+               own_loss=None, loss_function: str = "bce", temperature: float = 1.0) -> tuple[list[dict], dict]:
+    """The evaluation CSV's rows of one model (a trial or an ensemble) on each split present
+    (`targets`/`probs`: fold -> arrays for test, val, valid), and their ROC points. `base`: the
+    columns that say which model (run_id, round, trial, model_uri, finished_at); `resamples`: the
+    bootstrap's, for the 95% intervals; `own_loss(t, p)`:
+    the model's own loss (plain cross-entropy when None); `temperature`: the calibration fitted on
+    the valid fold, whose expected calibration error is reported beside the raw one."""
+    rows, roc = [], {}
+    for split in splits_present({f: len(t) for f, t in targets.items()}):
+        parts = split.split("+")
+        t = np.concatenate([np.asarray(targets[p]) for p in parts]).astype(int)
+        p = np.concatenate([np.asarray(probs[p]) for p in parts])
+        m = metrics(t, p, threshold)
+        ci = bootstrap(t, p, threshold, n=resamples)
+        at_half = metrics(t, p, KERAS_THRESHOLD)  # model.evaluate's view: p > 0.5
+        rows.append({
+            **{k: base.get(k, "") for k in ("run_id", "round", "trial", "model_uri")}, "split": split, "n": m["n"],
+            "loss": own_loss(t, p) if own_loss else m["loss"], "loss_function": loss_function, "bce": m["loss"],
+            **{k: m[k] for k in (*EVAL_METRICS, "tn", "fp", "fn", "tp", "threshold")},
+            "threshold_policy": policy,
+            **{f"{k}_{side}": ci[k][j] for k in EVAL_METRICS for j, side in enumerate(("low", "high"))},
+            **{f"{k}_at_0.5": at_half[k] for k in HALF_METRICS},
+            "ece": calibration(t, p)["ece"], "temperature": float(temperature),
+            "ece_calibrated": calibration(t, apply_temperature(p, temperature))["ece"],
+            "finished_at": base.get("finished_at", ""),
+        })
+        fpr, tpr, th = roc_curve(t, p)
+        roc[split] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": th.tolist()}
+    return rows, roc

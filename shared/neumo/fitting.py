@@ -95,9 +95,10 @@ def _restore(uri: str, local_dir: str) -> int:
 
 
 def fit(model, train_ds, valid_ds, epochs: int, monitor: str, mode: str, patience: int, workdir: str, label: str,
-        checkpoint_uri: str = ""):
+        checkpoint_uri: str = "", scorers: list | None = None):
     """fit with best-weights early stopping, a per-epoch CSV log and a best checkpoint; with a
     checkpoint_uri the training state is backed up there every epoch and resumed from it.
+    `scorers`: callbacks that add figures to each epoch's logs (run before early stopping reads `monitor`).
 
     Returns (the Keras history dict, seconds); a NaN or infinite training loss is a FloatingPointError."""
     os.makedirs(workdir, exist_ok=True)
@@ -108,7 +109,7 @@ def fit(model, train_ds, valid_ds, epochs: int, monitor: str, mode: str, patienc
             logger.info("%s: resuming from the training state at %s", label, checkpoint_uri)
         resume = [keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False),
                   SyncToStorage(backup, checkpoint_uri)]
-    callbacks = resume + [
+    callbacks = resume + list(scorers or []) + [
         keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True),
         keras.callbacks.ModelCheckpoint(os.path.join(workdir, "best.weights.h5"), monitor=monitor, mode=mode,
                                         save_best_only=True, save_weights_only=True),

@@ -36,6 +36,9 @@ SPLIT_MEANING = {
     "test+val": "the official test and val splits pooled",
 }
 SPLIT_ORDER = ("test", "val", "test+val", "valid")
+#: predictions.csv's rows of the valid images' acquisition-shifted copies (evaluate's "shifted"): not
+#: a dataset split, so the card's per-split figures (metrics, subgroups, calibration) leave them out.
+SHIFTED = "shifted"
 BANDS = ("small", "medium", "large")
 Z95 = 1.959963984540054
 
@@ -61,9 +64,12 @@ def _num(value, default=float("nan")) -> float:
 
 def _rows(predictions: list[dict]) -> list[dict]:
     """predictions.csv rows with typed target, probability and predicted (CSV strings accepted);
-    rows without a 0/1 target or a finite probability are left out (logged)."""
+    rows without a 0/1 target or a finite probability are left out (logged), and so are the valid
+    fold's acquisition-shifted copies (split SHIFTED)."""
     out, dropped = [], 0
     for r in predictions or []:
+        if str(r.get("split", "")) == SHIFTED:
+            continue
         target, prob = _num(r.get("target")), _num(r.get("probability"))
         if target not in (0.0, 1.0) or not math.isfinite(prob):
             dropped += 1
@@ -433,6 +439,82 @@ def _sections(info: dict, evaluation_: dict, predictions: list[dict], manifest: 
         ("Known failure modes", _failure_modes(ood)),
         ("Grad-CAM", _gradcam_section(gradcam, gradcam_png)),
     ]
+
+
+# --- an ensemble's card ------------------------------------------------------------------------
+
+def _members_section(members: list[dict]) -> list:
+    """One row per member bundle (its bundle.json): which trial, its configuration and its scores."""
+    keys = ("pixels", "mask", "model", "frozen_layers", "learning_rate", "loss", "augmentation", "class_weight")
+    rows = []
+    for k, m in enumerate(members):
+        trial, cfg = m.get("trial") or {}, m.get("config") or {}
+        valid = next((e for e in m.get("evaluation") or [] if e.get("split") == "valid"), {})
+        rows.append([f"{k:02d}", trial.get("run_id", ""), trial.get("round", ""), trial.get("trial", ""),
+                     *[cfg.get(key, "n/a") for key in keys], _f(trial.get("score"), 4), _f(valid.get("auc")),
+                     _f((m.get("decision") or {}).get("threshold")),
+                     (m.get("test_time_augmentation") or {}).get("copies", 0)])
+    return [_p(f"The ensemble averages the pneumonia probabilities of these {len(members)} member models; each "
+               "prepares the image its own way (pixels, lung mask, CLAHE) and averages its own test-time "
+               "augmentation copies first. Score: the member's selection score; threshold: its own (not used here)."),
+            _table(["member", "run", "round", "trial", *keys, "score", "valid AUC", "threshold", "TTA copies"], rows)]
+
+
+def _ensemble_selection(info: dict) -> list:
+    trial = info.get("trial") or {}
+    cal = info.get("calibration") or {}
+    return [_ul([f"selection score ({trial.get('selection', '?')}): {_f(trial.get('score'), 4)}",
+                 f"shift score (the worst balanced accuracy at the threshold over the valid fold as acquired and "
+                 f"under each acquisition shift): {_f(trial.get('shift_score'), 4)}, worst: "
+                 f"{trial.get('worst_shift') or 'n/a'}",
+                 f"temperature {_f(cal.get('temperature'))}, fitted on the {cal.get('fitted_on', 'valid fold')} "
+                 "(the members' averaged probabilities)"])]
+
+
+def _ensemble_sections(info: dict, members: list[dict], evaluation_: dict, predictions: list[dict], ood: dict | None,
+                       reliability_png: bytes | None, reliability: str) -> list:
+    info, evaluation_ = info or {}, evaluation_ or {}
+    threshold = _num((info.get("decision") or {}).get("threshold"))
+    policy = (info.get("decision") or {}).get("policy", "?")
+    rows = _rows(predictions)
+    cals = calibrations(rows)
+    calibration_blocks = _calibration(cals)
+    if cals and (reliability or reliability_png):
+        calibration_blocks.append(_image("Reliability diagram", reliability or "reliability.png", reliability_png))
+    facts = [f"created {info.get('created_at') or 'unknown'}", f"data version {info.get('data_version') or 'unknown'}",
+             f"decision threshold {_f(threshold)}"]
+    described = {"threshold_policy": f"policy {policy}, on the members' averaged probabilities"}
+    return [
+        (f"Model card: ensemble of {len(members)} pneumonia classifiers (pediatric chest X-rays)",
+         [_p(f"This card was written by neumo.modelcard from the ensemble's evaluation ({'; '.join(facts)}).")]),
+        ("Members", _members_section(members)),
+        ("Intended use and not-intended use", _intended(ood)),
+        ("Metrics on every split", _metrics(evaluation_)),
+        ("Threshold", _threshold_section(described, threshold)),
+        ("Selection", _ensemble_selection(info)),
+        ("Calibration", calibration_blocks),
+        ("Out-of-distribution check", [_p("The first member's check, on the first member's preparation of the image:"),
+                                       *_ood_section(ood)]),
+        ("Known failure modes", _failure_modes(ood)),
+    ]
+
+
+def ensemble_markdown(*, info: dict, members: list[dict], evaluation: dict, predictions: list[dict],
+                      ood: dict | None = None, reliability: str = "") -> str:
+    """An ensemble bundle's card as Markdown: `info` its bundle.json, `members` the members'
+    bundle.json, `evaluation` {"eval": rows}, `predictions` its predictions.csv rows, `ood` the
+    first member's OOD reference; `reliability`: the reliability diagram beside the card (linked)."""
+    return _render_md(_ensemble_sections(info, members, evaluation, predictions, ood, None, reliability))
+
+
+def ensemble_html(*, info: dict, members: list[dict], evaluation: dict, predictions: list[dict],
+                  ood: dict | None = None) -> str:
+    """An ensemble bundle's card as an HTML fragment, the reliability diagram inlined."""
+    from neumo import figures
+
+    cals = calibrations(predictions)
+    png = figures.png_bytes(figures.reliability_figure(cals)) if cals else None
+    return _render_html(_ensemble_sections(info, members, evaluation, predictions, ood, png, ""))
 
 
 # --- rendering ---------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("clahe_clip", float, 0.0, "CLAHE clip limit; 0 = OpenCV's default (40), the group's setting"),
     Parameter("acquisition_copies", int, 1, "extra copies of each train image through a random other "
               "acquisition (tighter field of view, sensor noise), 0-4; our departure, the seed: 0; README: Science"),
+    Parameter("acquisition", str, "varied", "what an acquisition copy draws: tight (a tighter field of view at a "
+              "random place, sensor noise on half), varied (also a wider view and another aspect ratio, gamma, "
+              "contrast and blur; ours, README: Levers for a new site)", choices=("tight", "varied")),
     # lung-mask model
     Parameter("mask_pixels", int, 256, "input size of the lung-mask U-Net"),
     Parameter("mask_epochs", int, 10, "epochs of lung-mask training"),
@@ -88,16 +91,25 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("search_space", dict, DEFAULT_SEARCH_SPACE, "values each hyperparameter may take; an override "
               "names only the dimensions it changes"),
     Parameter("config", dict, {}, "one trial configuration to train instead of tuning (pipelines/single.py)"),
-    Parameter("epochs", int, 10, "maximum epochs per trial (early stopping on the valid AUC)"),
+    Parameter("epochs", int, 10, "maximum epochs per trial (early stopping on the selection score)"),
     Parameter("batch_size", int, 8, "training batch size (the group's: 8)"),
-    Parameter("patience", int, 3, "epochs without a better valid AUC before a trial stops"),
+    Parameter("patience", int, 3, "epochs without a better selection score before a trial stops"),
+    Parameter("selection", str, "shift", "the score that picks a trial's best epoch, steers the tuner and chooses "
+              "the published model: shift (the worst balanced accuracy at the trial's threshold over the valid fold "
+              "as acquired and under each acquisition shift; ours) or auc (the valid AUC; the seed's); README: "
+              "Selection", choices=("shift", "auc")),
     Parameter("frozen_layers_count", str, "weighted", "what a trial's frozen_layers counts: the backbone's "
               "weighted layers, convolutions and batch norms apart (ours), or its Keras layers by index, input and "
               "activations included (the seed's model.layers[:n]); README: The backbone", choices=("weighted", "keras")),
     Parameter("threshold_policy", str, "youden", "how a trial's decision threshold is chosen on the valid fold: "
               "youden (max sensitivity + specificity; ours), 0.5 (model.evaluate's; the seed's), sensitivity_0.95 "
-              "(the highest threshold keeping sensitivity >= 0.95: a screening aid)",
-              choices=("youden", "0.5", "sensitivity_0.95")),
+              "(the highest threshold keeping sensitivity >= 0.95: a screening aid), pooled_shifts (Youden's J on "
+              "the valid images pooled with their acquisition-shifted copies)",
+              choices=("youden", "0.5", "sensitivity_0.95", "pooled_shifts")),
+    Parameter("ensemble_size", int, 1, "the published model averages this many trials: the run's best K by the "
+              "selection score (single.py: K seeds of its configuration); 1: the best trial alone"),
+    Parameter("tta_copies", int, 0, "test-time augmentation: average each image's probability over this many "
+              "shifted copies besides itself (0-8), in evaluation and prediction"),
     Parameter("bootstrap", int, 1000, "bootstrap resamples for the 95% intervals of every metric"),
     # prediction (pipelines/predict.py; not parameters of the training pipelines)
     Parameter("bundle_uri", str, "", "the model bundle to predict with: RESULTS_URI/models/best (folder or gs://)",
@@ -147,6 +159,7 @@ PRESETS: dict[str, dict] = {
     "seed": {
         "pretrain_task": "identity", "pretrain_data": "unlabelled", "acquisition_copies": 0,
         "threshold_policy": "0.5", "frozen_layers_count": "keras", "search_space": SEED_SEARCH_SPACE,
+        "selection": "auc",
     },
     # `make demo`: the whole pipeline in a few minutes on 2 cores (data URIs from `neumo demo-data`)
     "demo": {

@@ -128,16 +128,55 @@ def tta_views(images: np.ndarray, copies: int) -> list[np.ndarray]:
     return views
 
 
-def probabilities(bundle, images: np.ndarray) -> np.ndarray:
-    """Pneumonia probabilities (N,) of uint8 images (N, p, p): training.predict, as the evaluate
-    stage computes them; averaged over the bundle's test-time augmentation copies when it has any."""
+def tta_probabilities(classifier, images: np.ndarray, copies: int = 0) -> np.ndarray:
+    """Pneumonia probabilities (N,) of uint8 images (N, p, p) by training.predict, averaged over
+    the images and `copies` test-time augmentation views (tta_views); what evaluate and predict compute."""
     from neumo import data, training
 
     def one(x):
-        return training.predict(bundle.classifier, data.Fold(x, np.zeros(len(x), np.int8), np.arange(len(x))))
+        return training.predict(classifier, data.Fold(x, np.zeros(len(x), np.int8), np.arange(len(x))))
 
-    views = [images, *tta_views(images, bundle.tta_copies)]
+    if len(images) == 0:
+        return np.zeros((0,), np.float32)
+    views = [images, *tta_views(images, copies)]
     return np.mean([one(v) for v in views], axis=0)
+
+
+def probabilities(bundle, images: np.ndarray) -> np.ndarray:
+    """Pneumonia probabilities (N,) of uint8 images (N, p, p) as the evaluate stage computes them,
+    averaged over the bundle's test-time augmentation copies when it has any."""
+    return tta_probabilities(bundle.classifier, images, bundle.tta_copies)
+
+
+def members(bundle) -> list:
+    """The bundles whose probabilities are averaged: an ensemble's members (neumo.bundle.Ensemble),
+    else the bundle itself."""
+    return list(getattr(bundle, "members", None) or [bundle])
+
+
+def _preparation(member) -> tuple:
+    """What decides how a member prepares an image: members alike in it share one preparation."""
+    mask = member.info["files"][member.info["mask_model"]["file"]]["sha256"] if member.mask else ""
+    return member.pixels, member.clahe_clip, member.mask, mask
+
+
+def prepared_probabilities(bundle, images: list[np.ndarray],
+                           pool: ThreadPoolExecutor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, p, p) images as the (first) member prepared them, pneumonia probabilities (N,)) of
+    decoded images: a single bundle's (prepare, probabilities), or the mean over an ensemble's members
+    of each member's probabilities on its own preparation, with its own test-time augmentation."""
+    group = members(bundle)
+    if len(group) == 1:
+        prepared = prepare(group[0], images, pool)
+        return prepared, probabilities(group[0], prepared)
+    done: dict[tuple, np.ndarray] = {}
+    per_member = []
+    for member in group:
+        key = _preparation(member)
+        if key not in done:
+            done[key] = prepare(member, images, pool)
+        per_member.append(probabilities(member, done[key]))
+    return done[_preparation(group[0])], np.mean(per_member, axis=0)
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, size: int = 256) -> np.ndarray:
@@ -153,7 +192,9 @@ def overlay(image: np.ndarray, cam: np.ndarray, size: int = 256) -> np.ndarray:
 
 def score(bundle, items: list[dict], out_dir: str, batch: int = BATCH, gradcam: bool = True) -> list[dict]:
     """The predictions.csv rows of `items` (list_inputs'), in their order; Grad-CAM overlays to
-    out_dir/gradcam/. Files that cannot be used get their reason and no probability."""
+    out_dir/gradcam/. Files that cannot be used get their reason and no probability. `bundle`: a
+    loaded Bundle or Ensemble (the members' probabilities averaged; the OOD check and Grad-CAM from
+    the first member)."""
     import cv2
 
     from neumo import models, ood
@@ -172,8 +213,7 @@ def score(bundle, items: list[dict], out_dir: str, batch: int = BATCH, gradcam: 
                 else:
                     good.append((it, image))
             if good:
-                images = prepare(bundle, [im for _, im in good], pool)
-                probs = probabilities(bundle, images)
+                images, probs = prepared_probabilities(bundle, [im for _, im in good], pool)
                 scores = ood.score(bundle.classifier, images, bundle.ood) if bundle.ood else np.full(len(good), np.nan)
                 flagged = ood.flags(scores, bundle.ood) if bundle.ood else np.zeros(len(good), bool)
                 cams = models.grad_cam(bundle.classifier, imaging.zscore(images)) if gradcam else None
@@ -232,18 +272,27 @@ def page(rows: list[dict], info: dict) -> str:
                      f'<br><code>{esc(str(r["file"]))}</code>{warning}</figcaption></figure>')
     table = "".join(f"<tr><td><code>{esc(str(r['file']))}</code></td><td>{esc(r['status'])}</td>"
                     f"<td>{esc(r['reason'])}</td></tr>" for r in other)
-    trial = info.get("trial", {})
     head = (f"<h1>Predictions</h1><p>{len(scored)} image(s) scored, {len(other)} file(s) not; call PNEUMONIA when "
-            f"p &ge; {threshold:.3f} (policy {esc(str(info['decision'].get('policy', '')))}); model: run "
-            f"{esc(str(trial.get('run_id', '')))}, round {esc(str(trial.get('round', '')))}, trial "
-            f"{esc(str(trial.get('trial', '')))}, {info['preprocessing']['pixels']} px, mask="
-            f"{info['preprocessing']['mask']}. Overlays: Grad-CAM, where the model looked (red = most).</p>")
+            f"p &ge; {threshold:.3f} (policy {esc(str(info['decision'].get('policy', '')))}); model: "
+            f"{_model_text(info)}. Overlays: Grad-CAM, where the model looked (red = most).</p>")
     style = ("body{font-family:sans-serif;margin:2em}figure{display:inline-block;width:260px;margin:6px;"
              "vertical-align:top}figure img{width:256px}figcaption{font-size:12px;word-break:break-all}"
              ".warn{color:#a60}table{border-collapse:collapse}td{border:1px solid #ccc;padding:3px 8px;font-size:13px}")
     rest = f"<h2>Not scored</h2><table><tr><th>file</th><th>status</th><th>reason</th></tr>{table}</table>" if other else ""
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>neumo predictions</title><style>{style}'
             f"</style></head><body>\n{head}\n{''.join(cards)}\n{rest}\n</body></html>\n")
+
+
+def _model_text(info: dict) -> str:
+    """Which model scored, for the page (HTML-escaped)."""
+    esc = html.escape
+    trial = info.get("trial", {})
+    if info.get("kind") == "ensemble":
+        return (f"an ensemble of {len(info['members'])} models (run {esc(str(trial.get('run_id') or ''))}), their "
+                "probabilities averaged; overlays and the OOD check from the first")
+    return (f"run {esc(str(trial.get('run_id', '')))}, round {esc(str(trial.get('round', '')))}, trial "
+            f"{esc(str(trial.get('trial', '')))}, {info['preprocessing']['pixels']} px, mask="
+            f"{info['preprocessing']['mask']}")
 
 
 def summary(rows: list[dict]) -> dict:

@@ -47,9 +47,10 @@ class PreprocessConfig:
     """One data variant: output size, lung masking, CLAHE clip (None or 0 = OpenCV's default 40).
 
     `acquisition_copies`: extra copies of every TRAIN-fold image, each through a random other
-    acquisition (a tighter field of view, sensor noise) before the seed's chain: augmentation
+    acquisition (`acquisition`: shifts.ACQUISITIONS) before the seed's chain: augmentation
     that must happen before CLAHE to be realistic, so it is stored once here rather than drawn
-    per batch. Stored after the originals with ids "<id>~acq<k>"; other folds are never copied.
+    per batch. Stored after the originals with ids "<id>~acq<k>". The valid fold is also stored
+    under each fixed shift of shifts.SHIFTS (the "shifted" fold) for the shift-aware selection score.
     `workers`: processes decoding in parallel (0 = one per core, 1 = in this process).
     `shard_bytes`: the largest shard; `min_shards`: shards per fold wanted when it has enough images.
     """
@@ -58,6 +59,7 @@ class PreprocessConfig:
     mask: bool = False
     clahe_clip: float | None = parameters.default("clahe_clip")
     acquisition_copies: int = parameters.default("acquisition_copies")
+    acquisition: str = parameters.default("acquisition")
     workers: int = 0
     shard_bytes: int = SHARD_BYTES
     min_shards: int = MIN_SHARDS
@@ -70,6 +72,7 @@ class PreprocessConfig:
         imaging.clahe_limit(self.clahe_clip)
         if not isinstance(self.acquisition_copies, int) or not 0 <= self.acquisition_copies <= MAX_COPIES:
             raise ValueError(f"acquisition_copies must be an integer in 0..{MAX_COPIES}, got {self.acquisition_copies!r}")
+        parameters.parse("acquisition", self.acquisition)  # one of the declared choices, or a clear error
         if self.workers < 0 or self.shard_bytes < 1 or self.min_shards < 1:
             raise ValueError(f"workers must be >= 0 (0 = one per core), shard_bytes and min_shards >= 1: {self}")
 
@@ -96,17 +99,17 @@ def mask_path(masks_uri: str, image_id: str) -> str:
     return storage.join(masks_uri, "masks", folder, name)
 
 
-def prepare_one(args: tuple[str, str, int, float | None, str, int, int | None, str | None]) -> np.ndarray:
+def prepare_one(args: tuple) -> np.ndarray:
     """uint8 (p, p) for one image: the stored form of the seed chain.
 
     args: (image uri, mask uri or "", pixels, CLAHE clip, image id, acquisition copy, bytes,
-    sha256). The file is checked against the size and sha256 ingest recorded (ingest.read_verified:
+    sha256, acquisition kind, shift name or ""). The file is checked against the size and sha256 ingest recorded (ingest.read_verified:
     a file changed since ingest is refused by name); rows without them (hand-made lists in tests
     and benchmarks) are read unchecked. Copy 0 is the image as acquired; copy k > 0 first passes
     the raw (masked) image through a random acquisition (shifts.acquisition), drawn from (copy, id)
     so any worker makes the same bytes. Every error names the image (id and uri) or its mask.
     """
-    uri, mask_uri, pixels, clip, image_id, copy, size, checksum = args
+    uri, mask_uri, pixels, clip, image_id, copy, size, checksum, kind, shift = args
     row = {"id": image_id, "uri": uri, "bytes": size, "checksum": checksum}
     try:
         try:
@@ -121,22 +124,25 @@ def prepare_one(args: tuple[str, str, int, float | None, str, int, int | None, s
                 mask = imaging.read_grey(storage.read_bytes(mask_uri)) > 127
             except imaging.ImageError as err:
                 raise imaging.ImageError(f"lung mask {mask_uri} of image {image_id}: {err}") from err
-        return variant_image(image, pixels, clip, mask, copy, image_id)
+        return variant_image(image, pixels, clip, mask, copy, image_id, kind, shift)
     except Exception as err:  # name the image (notes survive the pool's pickling); re-raised as is
         err.add_note(f"while preprocessing {image_id} ({uri})")
         raise
 
 
 def variant_image(image: np.ndarray, pixels: int, clip: float | None, lung_mask: np.ndarray | None = None,
-                  copy: int = 0, image_id: str = "") -> np.ndarray:
+                  copy: int = 0, image_id: str = "", acquisition: str = parameters.default("acquisition"),
+                  shift: str = "") -> np.ndarray:
     """Decoded image (uint8 grey/BGR/BGRA) [+ its boolean lung mask, same size] -> uint8 (pixels, pixels):
-    the stored form of the seed chain (mask applied, then acquisition copy `copy` > 0 drawn from
-    (copy, image_id), then grey, resize, CLAHE). The one chain the preprocess stage and `neumo
-    predict` (neumo.predict) both run."""
+    the stored form of the seed chain (mask applied, then acquisition copy `copy` > 0 of kind
+    `acquisition` drawn from (copy, image_id), or the fixed shift `shift` of shifts.SHIFTS, then
+    grey, resize, CLAHE). The one chain the preprocess stage and `neumo predict` (neumo.predict) both run."""
     if lung_mask is not None:
         image = imaging.apply_mask(imaging.to_grey(image), lung_mask)
     if copy:
-        image = shifts.acquisition(imaging.to_grey(image), shifts.acquisition_rng(image_id, copy))
+        image = shifts.acquisition(imaging.to_grey(image), shifts.acquisition_rng(image_id, copy), acquisition)
+    if shift:
+        image = shifts.SHIFTS[shift](imaging.to_grey(image))
     return imaging.prepare_uint8(image, pixels, clip)
 
 
@@ -151,21 +157,29 @@ def _shard_jobs(manifest: list[dict], config: PreprocessConfig, masks_uri: str):
     """[(fold, shard index, rows, jobs)] for every shard, in the order they are written."""
     by_fold = defaultdict(list)
     for r in manifest:
-        if r["fold"] not in nd.FOLDS:
-            raise ValueError(f"manifest row {r.get('id')!r} has fold {r['fold']!r}, not one of {nd.FOLDS}")
+        if r["fold"] not in nd.FOLDS or r["fold"] in nd.DERIVED:
+            raise ValueError(f"manifest row {r.get('id')!r} has fold {r['fold']!r}, not one of "
+                             f"{tuple(f for f in nd.FOLDS if f not in nd.DERIVED)}")
         by_fold[r["fold"]].append(r)
     plan = []
     for fold in nd.FOLDS:
-        rows = sorted(by_fold.get(fold, []), key=lambda r: r["id"])
-        copies = [(r, 0) for r in rows]
+        # (row, acquisition copy, shift): copy 0 and no shift is the image as acquired
+        if fold == "shifted":
+            rows = sorted(by_fold.get("valid", []), key=lambda r: r["id"])
+            copies = [(r, 0, name) for name in shifts.SHIFTS for r in rows]
+        else:
+            rows = sorted(by_fold.get(fold, []), key=lambda r: r["id"])
+            copies = [(r, 0, "") for r in rows]
         if fold == "train":
-            copies += [(r, k) for k in range(1, config.acquisition_copies + 1) for r in rows]
+            copies += [(r, k, "") for k in range(1, config.acquisition_copies + 1) for r in rows]
         per = images_per_shard(len(copies), config.pixels, config.shard_bytes, config.min_shards)
         for s, lo in enumerate(range(0, len(copies), per)):
             chunk = copies[lo:lo + per]
             jobs = [(r["uri"], mask_path(masks_uri, r["id"]) if config.mask else "", config.pixels,
-                     config.clahe_clip, r["id"], k, r.get("bytes"), r.get("checksum")) for r, k in chunk]
-            stored = [{**r, "id": f"{r['id']}{COPY_MARK}{k}"} if k else r for r, k in chunk]
+                     config.clahe_clip, r["id"], k, r.get("bytes"), r.get("checksum"), config.acquisition, shift)
+                    for r, k, shift in chunk]
+            stored = [{**r, "id": f"{r['id']}{COPY_MARK}{k}"} if k else
+                      {**r, "id": shifts.shifted_id(r["id"], shift)} if shift else r for r, k, shift in chunk]
             plan.append((fold, s, stored, jobs))
     return by_fold, plan
 
@@ -223,9 +237,10 @@ def prepare_variant(manifest: list[dict], config: PreprocessConfig, out_uri: str
             pool.terminate()  # every result is in hand (or a job failed): nothing left to wait for
             pool.join()
     seconds = time.monotonic() - start
-    counts = {fold: len(by_fold.get(fold, [])) for fold in nd.FOLDS}
+    counts = {fold: len(by_fold.get(fold, [])) for fold in nd.FOLDS if fold not in nd.DERIVED}
     info = {"pixels": config.pixels, "mask": config.mask, "clahe_clip": config.clahe_clip,
-            "acquisition_copies": config.acquisition_copies, "counts": counts,
+            "acquisition_copies": config.acquisition_copies, "acquisition": config.acquisition,
+            "shifts": list(shifts.SHIFTS), "shifted_images": counts["valid"] * len(shifts.SHIFTS), "counts": counts,
             "mask_model": (mask_model or {"source": "unknown"}) if config.mask else {"source": "none"},
             "data_version": data_version, "seconds": round(seconds, 2),
             "images_per_s": round(total / seconds, 1) if seconds else None, "workers": workers,

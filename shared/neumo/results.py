@@ -31,10 +31,10 @@ EVAL_CSV = "image_class_evaluation_unsupervised.csv"
 
 TRAIN_COLUMNS = [
     "run_id", "round", "trial", "status", "error", "pixels", "mask", "model", "frozen_layers",
-    "learning_rate", "loss", "augmentation", "class_weight", "clahe_clip", "acquisition_copies", "mask_model",
-    "mask_model_dice", "pretrain_task", "pretrain_data", "pretrain_epochs", "pretrain_images", "pretrain_data_version",
-    "frozen_layers_count", "threshold_policy", "epochs", "best_epoch",
-    "train_loss", "val_loss", "val_accuracy", "val_auc", "threshold", "score", "duration_s",
+    "learning_rate", "loss", "augmentation", "class_weight", "clahe_clip", "acquisition_copies", "acquisition",
+    "mask_model", "mask_model_dice", "pretrain_task", "pretrain_data", "pretrain_epochs", "pretrain_images",
+    "pretrain_data_version", "frozen_layers_count", "threshold_policy", "selection", "epochs", "best_epoch",
+    "train_loss", "val_loss", "val_accuracy", "val_auc", "threshold", "shift_score", "worst_shift", "score", "duration_s",
     "model_uri", "data_version", "git_revision", "image", "seed", "finished_at",
 ]
 EVAL_COLUMNS = [
@@ -42,7 +42,7 @@ EVAL_COLUMNS = [
     "accuracy_high", "auc", "auc_low", "auc_high", "sensitivity", "sensitivity_low", "sensitivity_high", "specificity",
     "specificity_low", "specificity_high", "precision", "precision_low", "precision_high", "f1", "f1_low",
     "f1_high", "tn", "fp", "fn", "tp", "threshold", "threshold_policy", "accuracy_at_0.5", "sensitivity_at_0.5",
-    "specificity_at_0.5", "finished_at",
+    "specificity_at_0.5", "ece", "temperature", "ece_calibrated", "finished_at",
 ]
 HYPERPARAMETERS = ["pixels", "mask", "model", "frozen_layers", "learning_rate", "loss", "augmentation",
                    "class_weight"]
@@ -422,10 +422,13 @@ def _summary_section(train: pd.DataFrame, ranked: pd.DataFrame, current: set[str
     out = ["<h1>neumo search report</h1>", line + "</p>"]
     if current:
         out.append(_current_line(train, ranked, current))
-    out.append(f"<p><strong>score</strong> = AUC on the valid fold: the {share:.0%} of the train split's "
-               "patients held out from fitting (patient-level, seeded), the same number as val_auc. AUC ranks the "
-               "images, so it needs no threshold; the model's own threshold (Youden's J on that same fold, stored "
-               "with the model) is the one accuracy, sensitivity, specificity, precision and F1 use below.</p>")
+    out.append(f"<p><strong>score</strong> = the selection score each trial was chosen by (its <code>selection</code>): "
+               "<em>shift</em>, the shift score (the worst balanced accuracy at the model's own threshold over the "
+               f"valid fold as acquired and under each acquisition shift of the suite; the worst shift beside it), or "
+               f"<em>auc</em>, the seed's, the AUC on the valid fold (val_auc). The valid fold is the {share:.0%} of the "
+               "train split's patients held out from fitting (patient-level, seeded). The model's own threshold "
+               "(chosen on that fold by its threshold policy, stored with the model) is the one accuracy, "
+               "sensitivity, specificity, precision and F1 use below.</p>")
     return out
 
 
@@ -459,7 +462,7 @@ def _leaderboard_section(ranked: pd.DataFrame, evals: pd.DataFrame, has_current:
     if extra:
         leaders = pd.concat([leaders, own])
     mark = ["this run"] if has_current else []
-    ident = ["round", "trial", "score", "val_auc"]
+    ident = ["round", "trial", "score", "val_auc", "shift_score", "worst_shift"]
     lead = [[str(r["_rank"])] + ([_mark(r["_current"])] if has_current else []) + [_run_name(r["run_id"])]
             + [_fmt(r[c]) for c in ident + HYPERPARAMETERS] for _, r in leaders.iterrows()]
     out = [f"<h2>Leaderboard (top {LEADERBOARD_SIZE} of {len(ranked)} finished, all runs)</h2>",

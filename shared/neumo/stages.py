@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from neumo import ingest as listing
-from neumo import parameters, storage
+from neumo import evaluation, parameters, storage
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def ingest_report_markdown(summary: dict) -> str:
 
 def plan(*, search_space: dict = D["search_space"], manifest_dir: str, mask_model_uri: str = D["mask_model_uri"],
          depth: int = D["depth"], results_uri: str = "", config: dict = D["config"],
-         clahe_clip: float = D["clahe_clip"], acquisition_copies: int = D["acquisition_copies"]) -> list[dict]:
+         clahe_clip: float = D["clahe_clip"], acquisition_copies: int = D["acquisition_copies"],
+         acquisition: str = D["acquisition"]) -> list[dict]:
     """Validate the search space (or the one `config` of a single run) against the data and the
     U-Net depth, the preprocessing settings, and check the results URI is writable, before any
     GPU time; the (pixels, mask) variants to prepare."""
@@ -113,7 +114,8 @@ def plan(*, search_space: dict = D["search_space"], manifest_dir: str, mask_mode
     if bad:
         raise ValueError(f"search_space.pixels {bad}: pixels must be a positive multiple of 2**depth={factor} "
                          f"(depth={depth}); lower depth or use larger pixels")
-    PreprocessConfig(pixels=max(space.pixels), clahe_clip=clahe_clip, acquisition_copies=acquisition_copies)
+    PreprocessConfig(pixels=max(space.pixels), clahe_clip=clahe_clip, acquisition_copies=acquisition_copies,
+                     acquisition=acquisition)
     if results_uri:
         storage.check_writable(results_uri)  # a missing results bucket fails now, not at aggregate
     summary = _read_json(storage.join(manifest_dir, "summary.json"))
@@ -225,13 +227,13 @@ def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 2
 
 def preprocess(*, manifest_dir: str, variant: dict, out_dir: str, masks_dir: str = "",
                clahe_clip: float = D["clahe_clip"], acquisition_copies: int = D["acquisition_copies"],
-               workers: int = 0) -> dict:
+               acquisition: str = D["acquisition"], workers: int = 0) -> dict:
     """Prepare one (pixels, mask) variant of every manifest image as uint8 shards per fold.
     `workers`: decoding processes (0 = one per core)."""
     from neumo.preprocess import PreprocessConfig, prepare_variant
 
     config = PreprocessConfig(pixels=_as_int(variant["pixels"]), mask=bool(variant["mask"]), clahe_clip=clahe_clip,
-                              workers=workers, acquisition_copies=acquisition_copies)
+                              workers=workers, acquisition_copies=acquisition_copies, acquisition=acquisition)
     masks = _read_json(os.path.join(masks_dir, "masks.json")) if config.mask and masks_dir else {}
     if config.mask and not masks.get("available"):
         raise ValueError("a masked variant was asked for, but the mask stage produced no masks")
@@ -304,20 +306,22 @@ def suggest(*, search_space: dict = D["search_space"], history_in: str = "", fin
             round_index: int = 0, config: dict = D["config"], counts: dict | None = None,
             clahe_clip: float = D["clahe_clip"], acquisition_copies: int = D["acquisition_copies"],
             pretrain_task: str = D["pretrain_task"], pretrain_data: str = D["pretrain_data"],
-            frozen_layers_count: str = D["frozen_layers_count"], threshold_policy: str = D["threshold_policy"]
-            ) -> list[dict]:
+            frozen_layers_count: str = D["frozen_layers_count"], threshold_policy: str = D["threshold_policy"],
+            acquisition: str = D["acquisition"], selection: str = D["selection"]) -> list[dict]:
     """The next batch of configurations from every finished trial: earlier rounds (history_in,
     a JSON-lines file of trial records), the last round (`finished`, JSON strings) and, on the
     first round, the training CSV already at results_uri (so a recurring run continues) — only its
     rows recorded with this run's settings (the clip, copies, pretraining task and data, frozen-layer
-    count and threshold policy: a score under other settings is another experiment's). A given
-    `config` is the batch (a single run: no tuning). `counts`, when given, is filled with how many
+    count, threshold policy, acquisition kind and selection score: a score under other settings is
+    another experiment's). A given `config` is the batch (a single run: no tuning): `trials_per_round`
+    copies of it, the k-th trained with seed + k (the members of a seed ensemble). `counts`, when given, is filled with how many
     trials were used and how many rows were skipped (each skip is logged with its reason)."""
     from neumo import results, trial, tuning
 
     if config:
         storage.write_text(history_out, "")
-        return [{**trial.TrialConfig.from_dict(config).to_dict(), "round": round_index, "trial": 0}]
+        one = trial.TrialConfig.from_dict(config).to_dict()
+        return [{**one, "round": round_index, "trial": k, "seed_offset": k} for k in range(int(trials_per_round))]
 
     space = trial.SearchSpace.from_dict(search_space)
     _check_round(finished, round_index - 1)
@@ -328,7 +332,7 @@ def suggest(*, search_space: dict = D["search_space"], history_in: str = "", fin
         previous = results.read_rows(csv_uri)
         settings = {"clahe_clip": clahe_clip, "acquisition_copies": acquisition_copies, "pretrain_task": pretrain_task,
                     "pretrain_data": pretrain_data, "frozen_layers_count": frozen_layers_count,
-                    "threshold_policy": threshold_policy}
+                    "threshold_policy": threshold_policy, "acquisition": acquisition, "selection": selection}
         from_csv = [_trial_point(r, f"{csv_uri} row {i + 2}", settings) for i, r in enumerate(previous)]  # 1: header
         points += [p for p in from_csv if p is None or space.contains(p)]
     used = [p for p in points if p is not None]
@@ -368,9 +372,15 @@ def _read_records(path: str) -> list[dict]:
     return records
 
 
+#: What a training row from before a setting was recorded had: its score was the valid AUC, its
+#: acquisition copies the tight kind.
+BEFORE_RECORDED = {"selection": "auc", "acquisition": "tight"}
+
+
 def _other_settings(row: dict, settings: dict) -> str:
     """How a training row's recorded settings differ from `settings` ("" when they do not; a
-    setting the row does not record, from before it was recorded, is not held against it)."""
+    setting the row does not record, from before it was recorded, is not held against it, except
+    those whose value then is known: BEFORE_RECORDED)."""
     from neumo import imaging
 
     wanted = dict(settings)
@@ -378,7 +388,7 @@ def _other_settings(row: dict, settings: dict) -> str:
         wanted["clahe_clip"] = imaging.clahe_limit(wanted["clahe_clip"] or None)  # 0: OpenCV's default
     differ = []
     for name, value in wanted.items():
-        recorded = str(row.get(name, "")).strip()
+        recorded = str(row.get(name, "")).strip() or BEFORE_RECORDED.get(name, "")
         if recorded in ("", UNKNOWN):
             continue
         try:
@@ -420,19 +430,22 @@ def _trial_point(row: dict, where: str, settings: dict | None = None) -> dict | 
 def train(*, trial: dict, catalog_path: str, out_dir: str, model_uri: str = "", epochs: int = D["epochs"],
           batch_size: int = D["batch_size"], patience: int = D["patience"], seed: int = D["seed"], run_id: str = "",
           results_uri: str = "", frozen_layers_count: str = D["frozen_layers_count"],
-          threshold_policy: str = D["threshold_policy"]) -> dict:
+          threshold_policy: str = D["threshold_policy"], selection: str = D["selection"]) -> dict:
     """Train one trial (`trial`: its configuration, with its "round" and "trial" index); returns
     its training-CSV row, which records every setting that changed what the trial saw or learnt
     (:func:`trial_context`). A trial that fails (NaN loss, out of memory, an impossible
     configuration) returns a failed row with the reason and the same settings instead of raising,
     so one trial never sinks its round. With a results_uri the training state is backed up under
-    results_uri/checkpoints/RUN/round-R-trial-T every epoch and a restarted pod resumes."""
+    results_uri/checkpoints/RUN/round-R-trial-T every epoch and a restarted pod resumes. A trial
+    with a "seed_offset" (a member of a seed ensemble) trains with seed + seed_offset."""
+    seed = int(seed) + _as_int(trial.get("seed_offset", 0))
     context = trial_context(catalog_path, trial, frozen_layers_count=frozen_layers_count,
-                            threshold_policy=threshold_policy)
+                            threshold_policy=threshold_policy, selection=selection)
     try:
         return _train(trial=trial, catalog_path=catalog_path, out_dir=out_dir, model_uri=model_uri, epochs=epochs,
                       batch_size=batch_size, patience=patience, seed=seed, run_id=run_id, results_uri=results_uri,
-                      frozen_layers_count=frozen_layers_count, threshold_policy=threshold_policy, context=context)
+                      frozen_layers_count=frozen_layers_count, threshold_policy=threshold_policy, selection=selection,
+                      context=context)
     except Exception as err:  # noqa: BLE001 - any failure of one trial becomes its failed row
         logger.exception("trial failed")
         return failed_row(trial, f"{type(err).__name__}: {err}", run_id, seed, context)
@@ -441,13 +454,13 @@ def train(*, trial: dict, catalog_path: str, out_dir: str, model_uri: str = "", 
 #: What a training row says of a setting it could not read (an impossible configuration, a missing catalog).
 UNKNOWN = "unknown"
 #: The settings columns of a training row beyond the trial's hyperparameters (results.TRAIN_COLUMNS).
-CONTEXT_COLUMNS = ("clahe_clip", "acquisition_copies", "mask_model", "mask_model_dice", "pretrain_task",
-                   "pretrain_data", "pretrain_epochs", "pretrain_images", "pretrain_data_version",
-                   "frozen_layers_count", "threshold_policy")
+CONTEXT_COLUMNS = ("clahe_clip", "acquisition_copies", "acquisition", "mask_model", "mask_model_dice",
+                   "pretrain_task", "pretrain_data", "pretrain_epochs", "pretrain_images", "pretrain_data_version",
+                   "frozen_layers_count", "threshold_policy", "selection")
 
 
 def trial_context(catalog_path: str, trial: dict, *, frozen_layers_count: str = D["frozen_layers_count"],
-                  threshold_policy: str = D["threshold_policy"]) -> dict:
+                  threshold_policy: str = D["threshold_policy"], selection: str = D["selection"]) -> dict:
     """Every setting outside the trial's hyperparameters that changes what it sees or learns, read
     from its variant (variant.json) and backbone (pretrain.json): the effective CLAHE clip,
     acquisition copies, which lung-mask model made the masks and its Dice, the pretraining task,
@@ -457,7 +470,7 @@ def trial_context(catalog_path: str, trial: dict, *, frozen_layers_count: str = 
     from neumo.trial import TrialConfig
 
     out = {k: UNKNOWN for k in CONTEXT_COLUMNS}
-    out.update(frozen_layers_count=frozen_layers_count, threshold_policy=threshold_policy)
+    out.update(frozen_layers_count=frozen_layers_count, threshold_policy=threshold_policy, selection=selection)
     try:
         cfg = TrialConfig.from_dict(trial)
         entry = _variant(catalog_path, cfg.pixels, cfg.mask)
@@ -466,6 +479,7 @@ def trial_context(catalog_path: str, trial: dict, *, frozen_layers_count: str = 
         masker = variant.get("mask_model") or {"source": "none" if not cfg.mask else UNKNOWN}
         out.update(clahe_clip=imaging.clahe_limit(clip),
                    acquisition_copies=int(variant.get("acquisition_copies", 0)),
+                   acquisition=variant.get("acquisition", "tight"),
                    mask_model=masker.get("source", UNKNOWN),
                    mask_model_dice=masker["dice"] if "dice" in masker else
                    ("none" if masker.get("source") == "none" else "not measured"))
@@ -479,13 +493,14 @@ def trial_context(catalog_path: str, trial: dict, *, frozen_layers_count: str = 
 
 
 def _train(*, trial, catalog_path, out_dir, model_uri, epochs, batch_size, patience, seed, run_id, results_uri,
-           frozen_layers_count, threshold_policy, context):
+           frozen_layers_count, threshold_policy, selection, context):
     from neumo import training
     from neumo.trial import TrialConfig
 
     cfg = TrialConfig.from_dict(trial)
     settings = training.TrainSettings(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed,
-                                      frozen_layers_count=frozen_layers_count, threshold_policy=threshold_policy)
+                                      frozen_layers_count=frozen_layers_count, threshold_policy=threshold_policy,
+                                      selection=selection)
     entry = _variant(catalog_path, cfg.pixels, cfg.mask)
     backbone = os.path.join(out_dir, "backbone.keras")
     storage.download(storage.join(entry["backbone_uri"], "autoencoder.keras"), backbone)
@@ -502,7 +517,8 @@ def _train(*, trial, catalog_path, out_dir, model_uri, epochs, batch_size, patie
         "run_id": run_id, **where, "status": "ok", "error": "", **cfg.to_dict(), **context,
         "epochs": result.epochs, "best_epoch": result.best_epoch, "train_loss": result.train_loss,
         "val_loss": result.val_loss, "val_accuracy": result.val_accuracy, "val_auc": result.val_auc,
-        "threshold": result.threshold, "score": result.val_auc, "duration_s": result.duration_s,
+        "threshold": result.threshold, "shift_score": result.shift_score, "worst_shift": result.worst_shift,
+        "score": result.score, "duration_s": result.duration_s,
         "model_uri": model_uri or out_dir, "data_version": info.get("data_version", ""),
         "git_revision": os.environ.get("NEUMO_GIT_REVISION", ""), "image": os.environ.get("NEUMO_IMAGE", ""),
         "seed": settings.seed, "finished_at": _now(),
@@ -527,30 +543,24 @@ def _read_json_safe(uri: str) -> dict:
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
 
 
-EVAL_SPLITS = ("test", "val", "test+val", "valid")
-EVAL_METRICS = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1")
-#: The threshold metrics also given at 0.5, as the seed's `model.evaluate` scored (p > 0.5 positive).
-HALF_METRICS = ("accuracy", "sensitivity", "specificity")
-
-
-def splits_present(counts: dict[str, int]) -> list[str]:
-    """The EVAL_SPLITS to evaluate given each fold's image count: a split with images; a pooled
-    split ("test+val") only when every part has images (else it would silently repeat the other)."""
-    return [s for s in EVAL_SPLITS if all(counts.get(part, 0) > 0 for part in s.split("+"))]
+EVAL_SPLITS, EVAL_METRICS = evaluation.EVAL_SPLITS, evaluation.EVAL_METRICS
+splits_present = evaluation.splits_present
 
 
 def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str, bootstrap: int = D["bootstrap"],
-             out_uri: str = "") -> dict:
+             out_uri: str = "", tta_copies: int = D["tta_copies"]) -> dict:
     """Metrics of a trained trial on each split the seed used (test, val, test+val) plus our
     patient-level validation fold, at the stored threshold and (accuracy, sensitivity,
     specificity) at 0.5; the loss is the trial's own (focal for a focal trial) as `model.evaluate`
-    gives it, beside plain cross-entropy ("bce", comparable across trials); per-image predictions;
-    ROC data.
+    gives it, beside plain cross-entropy ("bce", comparable across trials); the expected
+    calibration error raw and after the trial's temperature; per-image predictions (the valid
+    fold's shifted copies too, split "shifted", which an ensemble's threshold and score need); ROC data.
+    `tta_copies` > 0: each probability averages the image and that many shifted copies (neumo.predict).
     Returns the trial record {"train": row, "eval": [rows], "figures_uri": where the PNGs are
     (out_uri, else out_dir), "roc": {...}}; a failed trial's record has no evaluation."""
     import keras
 
-    from neumo import bundle, data, evaluation, training, trial
+    from neumo import bundle, data, predict, training, trial
 
     if train_row.get("status") != "ok":
         return {"train": train_row, "eval": [], "figures_uri": "", "roc": {}}
@@ -558,40 +568,32 @@ def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str
     cfg = trial.TrialConfig.from_dict(meta["config"])
     entry = _variant(catalog_path, cfg.pixels, cfg.mask)
     classifier = keras.saving.load_model(os.path.join(model_dir, "model.keras"), compile=False, safe_mode=True)
-    folds = {f: data.load_fold(entry["data_uri"], f) for f in ("test", "val", "valid")}
-    eval_rows, predictions, roc = [], [], {}
-    probs = {f: training.predict(classifier, fold) for f, fold in folds.items()}
-    for split in splits_present({f: len(fold) for f, fold in folds.items()}):
-        parts = split.split("+")
-        t = np.concatenate([folds[p].targets for p in parts]).astype(int)
-        p = np.concatenate([probs[p] for p in parts])
-        m = evaluation.metrics(t, p, meta["threshold"])
-        ci = evaluation.bootstrap(t, p, meta["threshold"], n=bootstrap)
-        at_half = evaluation.metrics(t, p, evaluation.KERAS_THRESHOLD)  # model.evaluate's view: p > 0.5
-        eval_rows.append({
-            "run_id": train_row.get("run_id", ""), "round": train_row.get("round", ""), "trial": train_row.get("trial", ""),
-            "model_uri": train_row.get("model_uri", ""), "split": split, "n": m["n"],
-            "loss": training.trial_loss(cfg.loss, t, p), "loss_function": cfg.loss, "bce": m["loss"],
-            **{k: m[k] for k in (*EVAL_METRICS, "tn", "fp", "fn", "tp", "threshold")},
-            "threshold_policy": meta.get("threshold_policy", "youden"),
-            **{f"{k}_{side}": ci[k][j] for k in EVAL_METRICS for j, side in enumerate(("low", "high"))},
-            **{f"{k}_at_0.5": at_half[k] for k in HALF_METRICS},
-            "finished_at": _now(),
-        })
-        if "+" not in split:
-            predictions += [{"id": i, "split": split, "target": int(y), "probability": float(q),
-                             "predicted": int(q >= meta["threshold"])} for i, y, q in zip(folds[split].ids, t, p)]
-        fpr, tpr, th = evaluation.roc_curve(t, p)
-        roc[split] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": th.tolist()}
+    folds = {f: data.load_fold(entry["data_uri"], f) for f in ("test", "val", "valid", "shifted")}
+    probs = {f: predict.tta_probabilities(classifier, fold.images, tta_copies) for f, fold in folds.items()}
+    threshold = meta["threshold"]
+    if tta_copies:  # the averaged probabilities are another model's: its threshold is chosen again, by the same rule
+        shifted = {n: (f.targets, predict.tta_probabilities(classifier, f.images, tta_copies))
+                   for n, f in training.by_shift(folds["shifted"]).items()}
+        threshold = training.Selection.of(folds["valid"].targets, probs["valid"], shifted,
+                                          meta.get("threshold_policy", "youden")).threshold
+    base = {k: train_row.get(k, "") for k in ("run_id", "round", "trial", "model_uri")}
+    eval_rows, roc = evaluation.split_rows(
+        {f: folds[f].targets for f in ("test", "val", "valid")}, probs, threshold, resamples=bootstrap,
+        base={**base, "finished_at": _now()}, policy=meta.get("threshold_policy", "youden"),
+        own_loss=lambda t, p: training.trial_loss(cfg.loss, t, p), loss_function=cfg.loss,
+        temperature=meta.get("temperature", 1.0))
+    predictions = [{"id": i, "split": f, "target": int(y), "probability": float(q), "predicted": int(q >= threshold)}
+                   for f in ("test", "val", "valid", "shifted") for i, y, q in zip(folds[f].ids, folds[f].targets, probs[f])]
     os.makedirs(out_dir, exist_ok=True)
     storage.write_bytes(os.path.join(out_dir, "predictions.csv"),
                         listing.csv_bytes(predictions, ["id", "split", "target", "probability", "predicted"]))
-    _figures(classifier, folds, probs, meta["threshold"], eval_rows, roc, out_dir)
+    _figures(classifier, folds, probs, threshold, eval_rows, roc, out_dir)
     # everything needed to use this model on new files, in one folder (aggregate publishes the best)
     bundle.write(os.path.join(out_dir, bundle.FOLDER), model_dir=model_dir, variant=data.read_variant(entry["data_uri"]),
                  classifier=classifier, train_row=train_row, eval_rows=eval_rows, predictions=predictions,
                  valid_images=folds["valid"].images, gradcam_uri=os.path.join(out_dir, "gradcam.png"),
-                 valid_groups=[listing.patient_id(str(i).rsplit("/", 1)[-1]) for i in folds["valid"].ids])
+                 valid_groups=[listing.patient_id(str(i).rsplit("/", 1)[-1]) for i in folds["valid"].ids],
+                 tta_copies=tta_copies, threshold=threshold)
     record = {"train": train_row, "eval": eval_rows, "figures_uri": out_uri or out_dir}
     _write_json(os.path.join(out_dir, "evaluation.json"), {**record, "roc": roc})
     return {**record, "roc": roc}
@@ -673,29 +675,37 @@ def failed_row(config: dict, error: str, run_id: str = "", seed: int = D["seed"]
 
 # --- aggregate ------------------------------------------------------------------------------
 
-def aggregate(*, history_in: str, finished: list[str], results_uri: str, out_dir: str, report_path: str = "") -> dict:
+def aggregate(*, history_in: str, finished: list[str], results_uri: str, out_dir: str, report_path: str = "",
+              ensemble_size: int = D["ensemble_size"], threshold_policy: str = D["threshold_policy"],
+              selection: str = D["selection"], bootstrap: int = D["bootstrap"]) -> dict:
     """Append every trial of this run to the two CSVs at results_uri (earlier rows kept byte for
     byte) and copies of this run's rows to out_dir; then write an HTML report of the whole history
     at results_uri (this run's rows marked; only this run's without a results_uri), with the
-    leaderboard and plots, to out_dir (and to report_path when given). Returns this run's summary."""
+    leaderboard and plots, to out_dir (and to report_path when given). The run's model is its best
+    trial by the score or, with `ensemble_size` K > 1, the ensemble of its best K trials
+    (neumo.ensemble: probabilities averaged, threshold chosen again by `threshold_policy`, scored by
+    `selection`; its evaluation rows, trial "ensemble", join the evaluation CSV); it is published
+    under results_uri/models/. Returns this run's summary."""
     from neumo import results
 
     records = _read_records(history_in) + [json.loads(s) for s in finished]
     train_rows = [r["train"] for r in records]
-    eval_rows = [e for r in records for e in r.get("eval", [])]
+    ok = [r for r in records if r["train"].get("status") == "ok"]
+    ensembled = _ensemble(ok, ensemble_size, out_dir, threshold_policy=threshold_policy, selection=selection,
+                          bootstrap=bootstrap) if ensemble_size > 1 else None
+    eval_rows = [e for r in records for e in r.get("eval", [])] + (ensembled["eval_rows"] if ensembled else [])
     if results_uri:
         results.append_rows(storage.join(results_uri, results.TRAIN_CSV), train_rows, results.TRAIN_COLUMNS)
         results.append_rows(storage.join(results_uri, results.EVAL_CSV), eval_rows, results.EVAL_COLUMNS)
     os.makedirs(out_dir, exist_ok=True)
     results.append_rows(os.path.join(out_dir, results.TRAIN_CSV), train_rows, results.TRAIN_COLUMNS)
     results.append_rows(os.path.join(out_dir, results.EVAL_CSV), eval_rows, results.EVAL_COLUMNS)
-    ok = [r for r in records if r["train"].get("status") == "ok"]
     history_train, history_eval = train_rows, eval_rows
     if results_uri:  # the whole search history, this run's rows just appended
         history_train = results.read_table(storage.join(results_uri, results.TRAIN_CSV))
         history_eval = results.read_table(storage.join(results_uri, results.EVAL_CSV))
     run_ids = {str(r.get("run_id") or "") for r in train_rows}
-    published = _publish_bundle(ok, results_uri)
+    published = _publish_bundle(ok, results_uri, ensembled)
     results.write_report(os.path.join(out_dir, "report.html"), history_train, history_eval, _best_figures(ok),
                          current_run=run_ids, history_uri=results_uri, model_card_html=published.get("card", ""))
     if report_path:
@@ -705,13 +715,11 @@ def aggregate(*, history_in: str, finished: list[str], results_uri: str, out_dir
     best = max(ok, key=lambda r: float(r["train"]["score"]))["train"] if ok else None
     return {"trials": len(train_rows), "failed": len(train_rows) - len(ok),
             "best_score": float(best["score"]) if best else None, "best_model_uri": best["model_uri"] if best else "",
-            "bundle_uri": published.get("best", "")}
+            "ensemble_score": ensembled["score"] if ensembled else None, "bundle_uri": published.get("best", "")}
 
 
-def _publish_bundle(ok_records: list[dict], results_uri: str) -> dict:
-    """The bundle of this run's best trial (by the score) to RESULTS_URI/models/RUN_ID/ and, when it
-    beats the one there, to RESULTS_URI/models/best/ (neumo.bundle.publish), with the published
-    best's model card as HTML ("card"); {} without a results_uri or a trial with a bundle."""
+def _with_bundle(ok_records: list[dict]) -> list[dict]:
+    """The finished trials with a finite score whose evaluation wrote a model bundle."""
     from neumo import bundle
 
     def found(r):
@@ -719,11 +727,48 @@ def _publish_bundle(ok_records: list[dict], results_uri: str) -> dict:
         return base and math.isfinite(float(r["train"]["score"])) and \
             storage.exists(storage.join(base, bundle.FOLDER, bundle.INFO))
 
-    candidates = [r for r in ok_records if found(r)]
+    return [r for r in ok_records if found(r)]
+
+
+def _ensemble(ok_records: list[dict], size: int, out_dir: str, *, threshold_policy: str, selection: str,
+              bootstrap: int) -> dict | None:
+    """The ensemble of the best `size` trials (by score) with bundles, written to out_dir/ensemble
+    (neumo.ensemble.combine); None, with the reason logged, when fewer than two such trials finished."""
+    from neumo import bundle, ensemble
+
+    members = sorted(_with_bundle(ok_records), key=lambda r: float(r["train"]["score"]), reverse=True)[:size]
+    if len(members) < 2:
+        logger.warning("aggregate: ensemble_size=%d, but %d finished trial(s) with a model bundle: no ensemble, the "
+                       "best trial is the run's model", size, len(members))
+        return None
+    if len(members) < size:
+        logger.warning("aggregate: ensemble_size=%d, but only %d finished trials with a model bundle: they are the "
+                       "ensemble", size, len(members))
+    first = members[0]["train"]
+    out_uri = os.path.join(out_dir, "ensemble")
+    made = ensemble.combine([storage.join(r["figures_uri"], bundle.FOLDER) for r in members], out_uri,
+                            policy=threshold_policy, selection=selection, resamples=bootstrap,
+                            base={"run_id": first.get("run_id", ""), "round": first.get("round", ""), "trial": "ensemble",
+                                  "model_uri": out_uri, "finished_at": _now()})
+    logger.info("aggregate: ensemble of %d trials (%s): score %.4f (best member %.4f), threshold %.3f",
+                len(members), ", ".join(f"round {r['train'].get('round')} trial {r['train'].get('trial')}" for r in members),
+                made["score"], float(first["score"]), made["threshold"])
+    return {**made, "uri": out_uri}
+
+
+def _publish_bundle(ok_records: list[dict], results_uri: str, ensembled: dict | None = None) -> dict:
+    """The run's model bundle (the ensemble when one was made, else the best trial's by the score)
+    to RESULTS_URI/models/RUN_ID/ and, when it beats the one there, to RESULTS_URI/models/best/
+    (neumo.bundle.publish), with the published best's model card as HTML ("card"); {} without a
+    results_uri or a model bundle."""
+    from neumo import bundle
+
+    candidates = _with_bundle(ok_records)
     if not results_uri or not candidates:
         return {}
     best = max(candidates, key=lambda r: float(r["train"]["score"]))
-    out = bundle.publish(storage.join(best["figures_uri"], bundle.FOLDER), results_uri, best["train"].get("run_id", ""))
+    source = ensembled["uri"] if ensembled else storage.join(best["figures_uri"], bundle.FOLDER)
+    out = bundle.publish(source, results_uri, best["train"].get("run_id", ""))
     card = storage.join(out["best"], bundle.CARD_HTML)
     return {**out, "card": storage.read_text(card) if storage.exists(card) else ""}
 

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from neumo import data as nd
-from neumo import evaluation, models, parameters
+from neumo import evaluation, models, parameters, shifts
 from neumo.fitting import fit, set_seed
 from neumo.trial import TrialConfig
 
@@ -157,13 +157,14 @@ class TrainSettings:
     precision: str = "auto"
     frozen_layers_count: str = parameters.default("frozen_layers_count")
     threshold_policy: str = parameters.default("threshold_policy")
+    selection: str = parameters.default("selection")
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError(f"epochs, batch_size and patience must be >= 1: {self}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("frozen_layers_count", "threshold_policy"):
+        for name in ("frozen_layers_count", "threshold_policy", "selection"):
             parameters.parse(name, getattr(self, name))  # one of the declared choices, or a clear error
 
 
@@ -221,6 +222,69 @@ class TrialResult:
     threshold_policy: str = parameters.default("threshold_policy")
     frozen_layers_count: str = parameters.default("frozen_layers_count")
     metrics: dict = field(default_factory=dict)
+    shift_score: float = float("nan")
+    worst_shift: str = ""
+    selection: str = parameters.default("selection")
+    score: float = float("nan")
+    temperature: float = 1.0
+    shift_balanced_accuracy: dict = field(default_factory=dict)
+
+
+def by_shift(fold: nd.Fold) -> dict[str, nd.Fold]:
+    """A variant's "shifted" fold split by shift name (in the order of shifts.SHIFTS)."""
+    names = np.array([shifts.shift_of(i) for i in fold.ids])
+    return {n: nd.Fold(fold.images[names == n], fold.targets[names == n], fold.ids[names == n])
+            for n in shifts.SHIFTS if (names == n).any()}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one model scores on the valid fold and its shifted copies, at the threshold `policy`
+    chooses: the threshold, the valid metrics and the shift score (evaluation.shift_score)."""
+
+    threshold: float
+    metrics: dict
+    shift: dict
+
+    @classmethod
+    def of(cls, valid_targets, valid_probs, shifted: dict, policy: str) -> "Selection":
+        """`shifted`: shift name -> (targets, probabilities)."""
+        pooled_t = np.concatenate([t for t, _ in shifted.values()]) if shifted else np.zeros(0)
+        pooled_p = np.concatenate([p for _, p in shifted.values()]) if shifted else np.zeros(0)
+        threshold = evaluation.choose_threshold(valid_targets, valid_probs, policy, pooled_t, pooled_p)
+        return cls(threshold, evaluation.metrics(valid_targets, valid_probs, threshold),
+                   evaluation.shift_score(valid_targets, valid_probs, threshold, shifted))
+
+    def score(self, selection: str) -> float:
+        return self.shift["shift_score"] if selection == "shift" else self.metrics["auc"]
+
+
+#: Per epoch, the shift score reads every valid image as acquired and this many of them (the same
+#: fixed draw under every shift): a third of the cost at the valid fold's size; the score recorded
+#: with the model reads them all.
+SHIFTED_PER_EPOCH = 300
+
+
+class SelectionScore(keras.callbacks.Callback):
+    """Adds `val_shift_score` (the worst balanced accuracy over the valid fold and its shifted
+    copies, at the threshold the policy picks this epoch) to each epoch's logs, before early
+    stopping and the best checkpoint read them. The shifted copies are SHIFTED_PER_EPOCH of the
+    valid images (a fixed draw, the same under every shift)."""
+
+    def __init__(self, valid: nd.Fold, shifted: dict[str, nd.Fold], policy: str, batch_size: int,
+                 per_shift: int = SHIFTED_PER_EPOCH):
+        super().__init__()
+        n = len(valid)
+        keep = np.sort(np.random.default_rng(0).permutation(n)[:per_shift]) if n > per_shift else np.arange(n)
+        shifted = {name: nd.Fold(f.images[keep], f.targets[keep], f.ids[keep]) for name, f in shifted.items()}
+        self.valid, self.shifted, self.policy, self.batch_size = valid, shifted, policy, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        chosen = Selection.of(self.valid.targets, predict(self.model, self.valid, self.batch_size),
+                              {n: (f.targets, predict(self.model, f, self.batch_size)) for n, f in self.shifted.items()},
+                              self.policy)
+        if logs is not None:
+            logs["val_shift_score"] = chosen.shift["shift_score"]
 
 
 def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, backbone_path: str, out_dir: str,
@@ -229,7 +293,10 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
 
     The decision threshold is chosen on the validation fold by `settings.threshold_policy` and
     stored in model.json with the configuration and the policy, so evaluation applies the same rule; `curve.png` beside
-    `history.csv` shows the losses and the validation AUC by epoch, the best epoch marked.
+    `history.csv` shows the losses and the selection score by epoch, the best epoch marked. The best
+    epoch is the one with the best `settings.selection` score: "shift" (evaluation.shift_score on the
+    variant's shifted valid copies; every epoch pays for their predictions) or "auc" (the valid AUC).
+    model.json also records the temperature that calibrates the probabilities (fitted on the valid fold).
     """
     from neumo import figures
 
@@ -240,6 +307,11 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
     valid = nd.load_fold(variant_uri, "valid")
     if len(targets) == 0 or len(valid) == 0:
         raise ValueError(f"variant {variant_uri} has {len(targets)} train and {len(valid)} valid images; both are needed")
+    shifted = by_shift(nd.load_fold(variant_uri, "shifted"))
+    if not shifted and (settings.selection == "shift" or settings.threshold_policy == "pooled_shifts"):
+        raise ValueError(f"variant {variant_uri} has no shifted valid copies (prepared by an older neumo), which "
+                         "selection=shift and threshold_policy=pooled_shifts need: prepare it again, or set "
+                         "selection=auc")
     policy = resolve_precision(settings.precision)
     keras.mixed_precision.set_global_policy(policy)
     try:
@@ -255,22 +327,30 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
     train_ds = nd.stream_dataset(variant_uri, "train", settings.batch_size, cfg.augmentation, True, settings.seed,
                                  class_weights=nd.class_weights(targets) if weighted else None)
     valid_ds = nd.stream_dataset(variant_uri, "valid", settings.batch_size)
-    curve, seconds = fit(clf, train_ds, valid_ds, settings.epochs, "val_auc", "max", settings.patience, out_dir, "trial",
-                          checkpoint_uri)
-    figures.curve_png(curve, os.path.join(out_dir, "curve.png"), ylabel=f"loss ({cfg.loss})", metric="auc",
-                      best_by="val_auc", mode="max",
+    monitor = "val_shift_score" if settings.selection == "shift" else "val_auc"
+    extra = [SelectionScore(valid, shifted, settings.threshold_policy, settings.batch_size)] if shifted else []
+    curve, seconds = fit(clf, train_ds, valid_ds, settings.epochs, monitor, "max", settings.patience, out_dir, "trial",
+                          checkpoint_uri, extra)
+    figures.curve_png(curve, os.path.join(out_dir, "curve.png"), ylabel=f"loss ({cfg.loss})",
+                      metric="shift_score" if settings.selection == "shift" else "auc", best_by=monitor, mode="max",
                       title=f"classifier: model {cfg.model}, {cfg.pixels} px, mask={cfg.mask}, lr {cfg.learning_rate:g}")
-    best = int(np.argmax(curve["val_auc"]))
+    best = int(np.argmax(curve[monitor]))
     probs = predict(clf, valid, settings.batch_size)
-    threshold = evaluation.choose_threshold(valid.targets, probs, settings.threshold_policy)
-    metrics = evaluation.metrics(valid.targets, probs, threshold)
+    chosen = Selection.of(valid.targets, probs, {n: (f.targets, predict(clf, f, settings.batch_size))
+                                                 for n, f in shifted.items()}, settings.threshold_policy)
+    metrics = chosen.metrics
     clf.save(os.path.join(out_dir, "model.keras"))
+    temperature = evaluation.fit_temperature(valid.targets, probs)
     result = TrialResult(
         config=asdict(cfg), epochs=len(curve["loss"]), best_epoch=best + 1,
         train_loss=float(curve["loss"][best]), val_loss=float(curve["val_loss"][best]),
-        val_accuracy=metrics["accuracy"], val_auc=metrics["auc"], threshold=threshold,
+        val_accuracy=metrics["accuracy"], val_auc=metrics["auc"], threshold=chosen.threshold,
         duration_s=round(seconds, 2), threshold_policy=settings.threshold_policy,
         frozen_layers_count=settings.frozen_layers_count, metrics=metrics,
+        shift_score=chosen.shift["shift_score"] if shifted else float("nan"),
+        worst_shift=chosen.shift["worst_shift"] if shifted else "", selection=settings.selection,
+        score=chosen.score(settings.selection), temperature=temperature,
+        shift_balanced_accuracy=chosen.shift["balanced_accuracy"] if shifted else {},
     )
     with open(os.path.join(out_dir, "model.json"), "w") as fh:
         json.dump(asdict(result), fh, indent=2)
