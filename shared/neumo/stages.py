@@ -585,8 +585,7 @@ def evaluate(*, model_dir: str, catalog_path: str, train_row: dict, out_dir: str
     predictions = [{"id": i, "split": f, "target": int(y), "probability": float(q), "predicted": int(q >= threshold)}
                    for f in ("test", "val", "valid", "shifted") for i, y, q in zip(folds[f].ids, folds[f].targets, probs[f])]
     os.makedirs(out_dir, exist_ok=True)
-    storage.write_bytes(os.path.join(out_dir, "predictions.csv"),
-                        listing.csv_bytes(predictions, ["id", "split", "target", "probability", "predicted"]))
+    storage.write_bytes(os.path.join(out_dir, bundle.PREDICTIONS), bundle.predictions_csv(predictions))
     _figures(classifier, folds, probs, threshold, eval_rows, roc, out_dir)
     # everything needed to use this model on new files, in one folder (aggregate publishes the best)
     bundle.write(os.path.join(out_dir, bundle.FOLDER), model_dir=model_dir, variant=data.read_variant(entry["data_uri"]),
