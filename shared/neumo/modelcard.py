@@ -27,7 +27,7 @@ from neumo import evaluation
 
 logger = logging.getLogger(__name__)
 
-#: What each evaluated split is (stages.EVAL_SPLITS).
+#: What each evaluated split is (evaluation.EVAL_SPLITS).
 SPLIT_MEANING = {
     "valid": "held-out patients of the official train split (our patient-level validation fold; it chose the "
              "threshold and the best epoch, so its figures are optimistic)",

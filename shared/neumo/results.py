@@ -216,7 +216,7 @@ def _png(fig) -> str:
 
 # --- the history as tables ------------------------------------------------------------------
 
-#: What each evaluated split is, in the order the report lists them (the names `stages.EVAL_SPLITS`
+#: What each evaluated split is, in the order the report lists them (the names `evaluation.EVAL_SPLITS`
 #: evaluates; `{share}` is the held-out share of the train split's patients).
 SPLIT_MEANING = {
     "test": "the dataset's official test folder",

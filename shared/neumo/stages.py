@@ -690,7 +690,8 @@ def aggregate(*, history_in: str, finished: list[str], results_uri: str, out_dir
     records = _read_records(history_in) + [json.loads(s) for s in finished]
     train_rows = [r["train"] for r in records]
     ok = [r for r in records if r["train"].get("status") == "ok"]
-    ensembled = _ensemble(ok, ensemble_size, out_dir, threshold_policy=threshold_policy, selection=selection,
+    bundled = _with_bundle(ok)  # read once: the ensemble's members and the published model come from them
+    ensembled = _ensemble(bundled, ensemble_size, out_dir, threshold_policy=threshold_policy, selection=selection,
                           bootstrap=bootstrap) if ensemble_size > 1 else None
     eval_rows = [e for r in records for e in r.get("eval", [])] + (ensembled["eval_rows"] if ensembled else [])
     if results_uri:
@@ -704,7 +705,7 @@ def aggregate(*, history_in: str, finished: list[str], results_uri: str, out_dir
         history_train = results.read_table(storage.join(results_uri, results.TRAIN_CSV))
         history_eval = results.read_table(storage.join(results_uri, results.EVAL_CSV))
     run_ids = {str(r.get("run_id") or "") for r in train_rows}
-    published = _publish_bundle(ok, results_uri, ensembled)
+    published = _publish_bundle(bundled, results_uri, ensembled)
     results.write_report(os.path.join(out_dir, "report.html"), history_train, history_eval, _best_figures(ok),
                          current_run=run_ids, history_uri=results_uri, model_card_html=published.get("card", ""))
     if report_path:
@@ -729,13 +730,13 @@ def _with_bundle(ok_records: list[dict]) -> list[dict]:
     return [r for r in ok_records if found(r)]
 
 
-def _ensemble(ok_records: list[dict], size: int, out_dir: str, *, threshold_policy: str, selection: str,
+def _ensemble(bundled: list[dict], size: int, out_dir: str, *, threshold_policy: str, selection: str,
               bootstrap: int) -> dict | None:
-    """The ensemble of the best `size` trials (by score) with bundles, written to out_dir/ensemble
-    (neumo.ensemble.combine); None, with the reason logged, when fewer than two such trials finished."""
+    """The ensemble of the best `size` trials (by score) of `bundled` (_with_bundle's), written to
+    out_dir/ensemble (neumo.ensemble.combine); None, with the reason logged, when fewer than two."""
     from neumo import bundle, ensemble
 
-    members = sorted(_with_bundle(ok_records), key=lambda r: float(r["train"]["score"]), reverse=True)[:size]
+    members = sorted(bundled, key=lambda r: float(r["train"]["score"]), reverse=True)[:size]
     if len(members) < 2:
         logger.warning("aggregate: ensemble_size=%d, but %d finished trial(s) with a model bundle: no ensemble, the "
                        "best trial is the run's model", size, len(members))
@@ -755,14 +756,14 @@ def _ensemble(ok_records: list[dict], size: int, out_dir: str, *, threshold_poli
     return {**made, "uri": out_uri}
 
 
-def _publish_bundle(ok_records: list[dict], results_uri: str, ensembled: dict | None = None) -> dict:
-    """The run's model bundle (the ensemble when one was made, else the best trial's by the score)
+def _publish_bundle(candidates: list[dict], results_uri: str, ensembled: dict | None = None) -> dict:
+    """The run's model bundle (the ensemble when one was made, else the best of `candidates`, the
+    trials with a bundle (_with_bundle), by the score)
     to RESULTS_URI/models/RUN_ID/ and, when it beats the one there, to RESULTS_URI/models/best/
     (neumo.bundle.publish), with the published best's model card as HTML ("card"); {} without a
     results_uri or a model bundle."""
     from neumo import bundle
 
-    candidates = _with_bundle(ok_records)
     if not results_uri or not candidates:
         return {}
     best = max(candidates, key=lambda r: float(r["train"]["score"]))
