@@ -62,13 +62,16 @@ def signature(values: dict) -> inspect.Signature:
 
 def create_pipeline(*, rounds: int = parameters.default("rounds"),
                     trials_per_round: int = parameters.default("trials_per_round"),
-                    parallelism: int = parameters.default("parallelism"), values: dict | None = None,
+                    parallelism: int = parameters.default("parallelism"),
+                    preprocess_shards: int = parameters.default("preprocess_shards"),
+                    pretrain_nodes: int = parameters.default("pretrain_nodes"), values: dict | None = None,
                     placement: Placement | None = None, images: Images | None = None, name: str = "neumo-full"):
     """The KFP pipeline for one graph shape, with `values` (parsed parameters; the declared
     defaults where absent) as its parameter defaults. Pure: the components are copied with the
     given images, nothing global changes. With the `config` parameter set, the run trains that one
     configuration instead of tuning."""
-    for option, value in (("rounds", rounds), ("trials_per_round", trials_per_round), ("parallelism", parallelism)):
+    for option, value in (("rounds", rounds), ("trials_per_round", trials_per_round), ("parallelism", parallelism),
+                          ("preprocess_shards", preprocess_shards), ("pretrain_nodes", pretrain_nodes)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
     values = {**parameters.defaults(graph=False), **(values or {})}

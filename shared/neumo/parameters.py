@@ -123,6 +123,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("rounds", int, 5, "tuning rounds: suggest, then that round's trials", graph=True),
     Parameter("trials_per_round", int, 4, "trials suggested per round (mango's batch)", graph=True),
     Parameter("parallelism", int, 4, "tasks of one loop running at once", graph=True, pipelines=("train", "predict")),
+    Parameter("preprocess_shards", int, 1, "split preprocessing and lung masking into this many pods per variant "
+              "(a ParallelFor over manifest shards, then a gather step); 1: one pod", graph=True),
+    Parameter("pretrain_nodes", int, 1, "pretrain each backbone on this many nodes (a Kubeflow Trainer TrainJob "
+              "with MultiWorkerMirroredStrategy, manifests/README.md); 1: in the pipeline's own GPU pod", graph=True),
 )
 
 BY_NAME = {p.name: p for p in PARAMETERS}
