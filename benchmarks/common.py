@@ -47,12 +47,18 @@ def best_rate(n: int, fn: Callable[[], object], repeats: int = 2) -> float:
     return n / min(timed(fn) for _ in range(repeats))
 
 
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its reaped children so far."""
+def cpu_parts() -> tuple[float, float]:
+    """(this process, its reaped children) user + system CPU seconds so far: a pool's workers count
+    once they have been joined."""
     import resource
 
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its reaped children so far."""
+    return sum(cpu_parts())
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, tuple[float, float]]:

@@ -1,8 +1,8 @@
 """Run every benchmark in turn (``make bench``), each in its own process, and print a timing summary.
 
-    python -m benchmarks.run [--only preprocess input step step512 scale]
+    python -m benchmarks.run [--only preprocess input step step512 scale cost]
 
-Default sizes keep the whole run under 20 minutes on a 2-core CPU. The step benchmark runs the full
+Default sizes keep the whole run under about 30 minutes on a 2-core CPU. The step benchmark runs the full
 float32/mixed x XLA grid at 256 px and float32 without XLA at 512 px (the full 512 grid takes
 longer than the budget here: ``python -m benchmarks.step_bench --pixels 512``).
 """
@@ -18,11 +18,14 @@ import time
 from benchmarks.common import REPO, machine
 
 SUITE = {
-    "preprocess": ["benchmarks.preprocess_bench", "--pixels", "512", "--repeat", "3", "--synthetic", "64"],
+    "preprocess": ["benchmarks.preprocess_bench", "--pixels", "512", "--seconds", "20", "--repeats", "2",
+                   "--synthetic", "64"],
     "input": ["benchmarks.input_bench", "--pixels", "256", "512", "--images", "256"],
     "step": ["benchmarks.step_bench", "--pixels", "256", "--steps", "2"],
     "step512": ["benchmarks.step_bench", "--pixels", "512", "--steps", "2", "--policies", "float32", "--xla", "0"],
     "scale": ["benchmarks.scale_bench", "--base", "150"],
+    "cost": ["benchmarks.cost_model", "--measure-pixels", "256", "512", "--steps", "3", "--json",
+             os.path.join("work", "bench", "cost_model.json")],
 }
 
 
