@@ -23,6 +23,8 @@ from pipelines.placement import Placement
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 BASE, GKE = MANIFESTS / "base", MANIFESTS / "overlays" / "gke"
 STANDALONE = MANIFESTS / "overlays" / "gke-standalone"
+TRAINER_OPERATOR = MANIFESTS / "overlays" / "trainer-operator"
+TRAINER_RUNTIME = MANIFESTS / "overlays" / "trainer-runtime"
 KUBECTL = shutil.which("kubectl")
 _beside = Path(sys.executable).parent / "kubernetes-validate"
 VALIDATE = str(_beside) if _beside.exists() else shutil.which("kubernetes-validate")
@@ -99,8 +101,11 @@ def _check_objects(objects: dict[tuple[str, str], dict], namespace: str | None =
     assert {"create", "patch"} <= verbs("argoproj.io", "workflowtaskresults")
     assert {"get", "list", "watch"} == verbs("", "pods")
     assert verbs("", "pods/log") == {"get"}
+    # pretrain_nodes > 1: the pretrain-job step creates a TrainJob, waits for it, deletes it when it failed
+    assert verbs("trainer.kubeflow.org", "trainjobs") == {"create", "get", "list", "watch", "delete"}
     everything = {v for r in rules for v in r["verbs"]} | {res for r in rules for res in r["resources"]}
-    assert "*" not in everything and "secrets" not in everything and "delete" not in everything
+    assert "*" not in everything and "secrets" not in everything
+    assert all("delete" not in r["verbs"] or r["resources"] == ["trainjobs"] for r in rules), "delete: trainjobs only"
     binding = objects[("RoleBinding", "neumo-pipeline")]
     assert binding["roleRef"]["name"] == "neumo-pipeline"
     subject = {"kind": "ServiceAccount", "name": "neumo-pipeline"} | ({"namespace": namespace} if namespace else {})
@@ -154,3 +159,33 @@ def test_standalone_overlay_moves_everything_into_kfps_namespace():
     annotation = "iam.gke.io/gcp-service-account"
     assert (standalone[("ServiceAccount", "neumo-pipeline")]["metadata"]["annotations"][annotation]
             == gke[("ServiceAccount", "neumo-pipeline")]["metadata"]["annotations"][annotation])
+
+
+def test_the_trainer_operator_is_pinned_to_the_release_of_the_models_neumo_builds_trainjobs_from():
+    """The operator overlay fetches Kubeflow Trainer at a release tag (not a branch), the one
+    whose API models (kubeflow-trainer-api) build and check neumo's TrainJobs; the cluster
+    requirements name the same release and the runtime neumo's TrainJobs ask for."""
+    from importlib.metadata import version
+
+    from neumo import trainjob
+
+    (remote,) = yaml.safe_load((TRAINER_OPERATOR / "kustomization.yaml").read_text())["resources"]
+    assert remote.startswith("https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v")
+    tag = remote.rsplit("?ref=", 1)[1]
+    assert tag == "v" + version("kubeflow-trainer-api")
+    requirements = by_kind(raw_base())[("ConfigMap", "neumo-cluster-requirements")]["data"]
+    assert requirements["kubeflow-trainer-version"] == tag
+    assert requirements["trainer-runtime"] == trainjob.RUNTIME
+
+
+@needs_kubectl
+def test_the_trainer_runtime_overlay_renders_the_runtime():
+    """The ClusterTrainingRuntime is not a core kind (kubernetes-validate has no schema for it):
+    tests/test_trainjob.py checks it against the Trainer's own schema; here, that kustomize renders
+    it, cluster-scoped, labelled as neumo's."""
+    from neumo import trainjob
+
+    (runtime,) = kustomize(TRAINER_RUNTIME)
+    expected = trainjob.runtime().to_dict()
+    expected["metadata"]["labels"]["app.kubernetes.io/part-of"] = "neumo"
+    assert runtime == expected and "namespace" not in runtime["metadata"]
