@@ -31,18 +31,23 @@ from components.catalog.component import catalog  # noqa: E402
 from components.evaluate.component import evaluate  # noqa: E402
 from components.fingerprint.component import fingerprint  # noqa: E402
 from components.ingest.component import ingest  # noqa: E402
-from components.mask.component import mask  # noqa: E402
+from components.mask.component import mask, mask_gather, mask_part  # noqa: E402
 from components.plan.component import plan  # noqa: E402
-from components.preprocess.component import preprocess  # noqa: E402
+from components.preprocess.component import (  # noqa: E402
+    preprocess, preprocess_gather, preprocess_part, preprocess_parts)
 from components.pretrain.component import pretrain  # noqa: E402
+from components.pretrain_job.component import launched, pretrain_job, trainjob_settings  # noqa: E402
 from components.suggest.component import suggest  # noqa: E402
 from components.train.component import train  # noqa: E402
 from components.train_mask_model.component import train_mask_model  # noqa: E402
 from neumo import parameters  # noqa: E402
 from pipelines.placement import Images, Placement, place, with_image  # noqa: E402
 
-CPU_COMPONENTS = {c.name: c for c in (fingerprint, ingest, plan, preprocess, catalog, suggest, aggregate)}
-GPU_COMPONENTS = {c.name: c for c in (train_mask_model, mask, pretrain, train, evaluate)}
+CPU_COMPONENTS = {c.name: c for c in (fingerprint, ingest, plan, preprocess, preprocess_parts, preprocess_part,
+                                       preprocess_gather, mask_gather, catalog, suggest, aggregate)}
+GPU_COMPONENTS = {c.name: c for c in (train_mask_model, mask, mask_part, pretrain, train, evaluate)}
+#: CPU tasks that launch work on GPU nodes and wait for it (pretrain_nodes > 1: a Trainer TrainJob).
+JOB_COMPONENTS = {c.name: c for c in (pretrain_job,)}
 DESCRIPTION = ("Chest X-ray pneumonia: ingest, masks, preprocess, pretrain, Bayesian tuning of classifiers, "
                "evaluation, the seed's two CSVs.")
 
@@ -58,6 +63,30 @@ def signature(values: dict) -> inspect.Signature:
         else:
             optional.append(inspect.Parameter(p.name, kind, annotation=p.type, default=values[p.name]))
     return inspect.Signature(required + optional)
+
+
+def lung_masks(c: dict, placement: Placement, shards: int, parallelism: int, **inputs):
+    """The mask stage's task (its output "masks"): one GPU task; with shards > 1 a loop over the
+    parts (GPU, `parallelism` at a time) gathered by a CPU task into the same output."""
+    if shards == 1:
+        return place(c["mask"](**inputs), placement, gpu=True, retry=True)
+    with dsl.ParallelFor(list(range(shards)), parallelism=parallelism) as part:
+        masked = place(c["mask-part"](part=part, parts=shards, **inputs), placement, gpu=True, retry=True)
+    return place(c["mask-gather"](manifest=inputs["manifest"], parts=dsl.Collected(masked.outputs["masks"])),
+                 placement)
+
+
+def preprocessed(c: dict, given, placement: Placement, shards: int, parallelism: int, *, variant, **inputs):
+    """A variant's preprocess task (its output "data"): one CPU task; with shards > 1 a loop over
+    the parts (CPU, `parallelism` at a time) nested in the variant loop, gathered by a CPU task.
+    The loop's items carry the variant (preprocess-parts): kfp.local hands a nested loop's task
+    the inner item where it asks for the outer one."""
+    if shards == 1:
+        return place(given(c["preprocess"], variant=variant, **inputs), placement)
+    items = place(c["preprocess-parts"](variant=variant, parts=shards), placement)
+    with dsl.ParallelFor(items.output, parallelism=parallelism) as item:
+        part = place(given(c["preprocess-part"], item=item, **inputs), placement)
+    return place(c["preprocess-gather"](parts=dsl.Collected(part.outputs["data"])), placement)
 
 
 def create_pipeline(*, rounds: int = parameters.default("rounds"),
@@ -77,7 +106,8 @@ def create_pipeline(*, rounds: int = parameters.default("rounds"),
     values = {**parameters.defaults(graph=False), **(values or {})}
     placement, images = placement or Placement(), images or Images()
     c = {**{n: with_image(comp, images.cpu) for n, comp in CPU_COMPONENTS.items()},
-         **{n: with_image(comp, images.gpu) for n, comp in GPU_COMPONENTS.items()}}
+         **{n: with_image(comp, images.gpu) for n, comp in GPU_COMPONENTS.items()},
+         **{n: with_image(comp, images.cpu) for n, comp in JOB_COMPONENTS.items()}}
     sig = signature(values)
 
     def graph(*args, **kwargs):
@@ -95,12 +125,17 @@ def create_pipeline(*, rounds: int = parameters.default("rounds"),
         planned = place(given(c["plan"], manifest=manifest), placement)
         lung_model = place(given(c["train-mask-model"], manifest=manifest, planned=planned.output), placement,
                            gpu=True, retry=True)
-        masks = place(c["mask"](manifest=manifest, mask_model=lung_model.outputs["mask_model"]), placement, gpu=True,
-                      retry=True)
+        masks = lung_masks(c, placement, preprocess_shards, parallelism, manifest=manifest,
+                           mask_model=lung_model.outputs["mask_model"])
         with dsl.ParallelFor(planned.output, parallelism=parallelism) as variant:
-            prepared = place(given(c["preprocess"], manifest=manifest, masks=masks.outputs["masks"], variant=variant),
-                             placement)
-            backbone = place(given(c["pretrain"], data=prepared.outputs["data"]), placement, gpu=True, retry=True)
+            prepared = preprocessed(c, given, placement, preprocess_shards, parallelism, manifest=manifest,
+                                    masks=masks.outputs["masks"], variant=variant)
+            if pretrain_nodes > 1:  # a TrainJob on pretrain_nodes GPU nodes; this CPU task launches and waits
+                job = trainjob_settings(placement, images.gpu, pretrain_nodes)
+                backbone = launched(place(given(c["pretrain-job"], data=prepared.outputs["data"], job=job), placement,
+                                          retry=True))
+            else:
+                backbone = place(given(c["pretrain"], data=prepared.outputs["data"]), placement, gpu=True, retry=True)
         indexed = place(c["catalog"](data=dsl.Collected(prepared.outputs["data"]),
                                      backbones=dsl.Collected(backbone.outputs["backbone"])), placement)
         trials = indexed.outputs["catalog"]

@@ -53,8 +53,13 @@ def test_the_design_stages_are_on_the_right_kind_of_node():
 
 
 def test_every_stage_is_in_the_graph_on_exactly_one_kind_of_node(compiled):
+    """Some stages are in the graph only for some shapes (the shard tasks of preprocess_shards > 1,
+    the pretrain-job of pretrain_nodes > 1): the default graph has the design's stages, each on one
+    kind of node."""
     stages = {stage for stage, _, _ in _tasks(compiled[0])}
-    assert stages == GPU_STAGES | CPU_STAGES and not GPU_STAGES & CPU_STAGES
+    design = {"fingerprint", "ingest", "plan", "train-mask-model", "mask", "preprocess", "pretrain", "catalog",
+              "suggest", "train", "evaluate", "aggregate"}
+    assert design <= stages <= GPU_STAGES | CPU_STAGES and not GPU_STAGES & CPU_STAGES
 
 
 def test_gpu_stages_get_accelerator_node_selector_toleration_and_retries(compiled):
@@ -74,7 +79,7 @@ def test_gpu_stages_get_accelerator_node_selector_toleration_and_retries(compile
         assert {"key": key, "operator": "Equal", "value": value, "effect": effect} in k8s[label]["tolerations"], label
         assert task["retryPolicy"]["maxRetryCount"] == RETRIES, stage
         assert container["image"] == f"{REGISTRY}/neumo-gpu:{TAG}"
-    assert seen == GPU_STAGES
+    assert seen == GPU_STAGES & {stage for stage, _, _ in _tasks(spec)}
 
 
 def test_cpu_stages_get_no_gpu_placement(compiled):
@@ -118,3 +123,23 @@ def test_components_install_nothing_when_they_start(compiled):
 def test_bad_node_selector_is_refused():
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         full.main(["--compile", "/dev/null", "--gpu-node-selector", "no-equals-sign"])
+
+
+def test_gpu_limit_4_reaches_every_gpu_stage_and_each_node_of_the_distributed_pretraining(tmp_path):
+    """`--gpu-limit 4 --set pretrain_nodes=2`: every GPU stage requests 4 GPUs; pretraining is the
+    pretrain-job step instead, a CPU task whose TrainJob asks 4 GPUs of each of its 2 nodes."""
+    path = tmp_path / "neumo-full.yaml"
+    assert full.main(["--compile", str(path), "--gpu-limit", "4", "--set", "pretrain_nodes=2", "--rounds", "1",
+                      "--trials", "1"]) == 0
+    spec, _ = yaml.safe_load_all(path.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    stages = {stage: (task, label) for stage, task, label in _tasks(spec)}
+    assert "pretrain" not in stages and set(stages) <= GPU_STAGES | CPU_STAGES | set(full.JOB_COMPONENTS)
+    assert {"train-mask-model", "mask", "train", "evaluate"} <= set(stages)
+    for stage in GPU_STAGES & set(stages):
+        accelerator = executors[stages[stage][1]]["container"]["resources"]["accelerator"]
+        assert (accelerator["resourceType"], int(accelerator["resourceCount"])) == ("nvidia.com/gpu", 4), stage
+    task, label = stages["pretrain-job"]
+    assert "accelerator" not in executors[label]["container"]["resources"]
+    job = task["inputs"]["parameters"]["job"]["runtimeValue"]["constant"]
+    assert (job["nodes"], job["gpus_per_node"], job["gpu_type"]) == (2, 4, "nvidia.com/gpu")

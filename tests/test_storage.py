@@ -97,6 +97,41 @@ def test_upload_then_download_file(root: str, tmp_path: Path) -> None:
         storage.upload(str(tmp_path / "nope.keras"), uri)
 
 
+def test_copy_within_and_across_backends(root: str, tmp_path: Path) -> None:
+    """copy keeps the bytes on every backend (server-side within GCS) and across local and gs://."""
+    data = os.urandom(50_000)
+    src = storage.join(root, "part-0", "train", "shard-00000.npz")
+    storage.write_bytes(src, data)
+    dst = storage.join(root, "variant", "train", "shard-00000.npz")
+    storage.copy(src, dst)
+    assert storage.read_bytes(dst) == data
+    local = str(tmp_path / "here" / "shard.npz")
+    storage.copy(dst, local)
+    back = storage.join(root, "again.npz")
+    storage.copy(local, back)
+    assert storage.read_bytes(back) == data
+    with pytest.raises(FileNotFoundError):
+        storage.copy(storage.join(root, "absent.npz"), dst)
+
+
+def test_open_read_seeks_on_every_backend(root: str) -> None:
+    """open_read is a seekable file over a local file or an object (ranged reads), so a shard's ids
+    are read without its images."""
+    import numpy as np
+
+    from neumo import data as nd
+
+    images = np.random.default_rng(0).integers(0, 255, (300, 64, 64), dtype=np.uint8)
+    uri = storage.join(root, "v", "train", "shard-00000.npz")
+    nd.write_shard(uri, images, [1] * 300, [f"id{i}" for i in range(300)])
+    with storage.open_read(uri) as f:
+        f.seek(-4, os.SEEK_END)
+        assert len(f.read()) == 4
+    assert list(nd.shard_ids(uri)) == [f"id{i}" for i in range(300)]
+    with pytest.raises(FileNotFoundError):
+        nd.shard_ids(storage.join(root, "v", "absent.npz"))
+
+
 def test_large_resumable_round_trip(gcs_bucket: str, tmp_path: Path) -> None:
     data = os.urandom(20 * 1000 * 1000)
     digest = hashlib.sha256(data).hexdigest()

@@ -29,7 +29,8 @@ def test_pretraining_uses_unlabelled_and_train_images(variant):
     train = sum(r["fold"] == "train" for r in stages.load_manifest(str(root / "m")))
     assert info["source"] == f"8 unlabelled + {train} train"  # the originals: acquisition copies are for classifiers
     total = sum(int(n) for n in info["source"].split() if n.isdigit())
-    assert info["images"] == total - max(1, total // 10)  # a tenth held out for the validation loss
+    data = training.pretraining_data(str(root / "p"), 0)
+    assert info["images"] == data.images == total - data.held and data.held >= 1  # held out for the validation loss
     assert np.isfinite(info["best_val_loss"])
     assert (root / "b" / "autoencoder.keras").exists() and (root / "b" / "history.csv").exists()
     assert (root / "b" / "loss_curve.png").stat().st_size > 1000  # the reconstruction loss curves, as a picture
@@ -58,6 +59,58 @@ def test_the_seeds_pretraining_and_the_random_control(variant, tmp_path, task, d
                                 pretrain_task="none")
         other = keras.saving.load_model(str(tmp_path / "again" / "autoencoder.keras"), compile=False, safe_mode=True)
         assert again["epochs"] == 0 and all(np.array_equal(a, b) for a, b in zip(unet.get_weights(), other.get_weights()))
+
+
+def test_streamed_pretraining_holds_out_by_a_fixed_rule_and_drops_copies(variant):
+    """The shard reader keeps the originals (acquisition copies dropped) and splits them by a hash of
+    (seed, id): the same split on every call, another with another seed; the streams carry exactly the
+    counted images, the clean image as target, the input corrupted for "restore" only."""
+    from neumo import data as nd
+    from neumo.preprocess import COPY_MARK
+
+    root, _ = variant
+    p = str(root / "p")
+    data = training.pretraining_data(p, 0)
+    assert training.pretraining_data(p, 0) == data
+    ids = np.concatenate([nd.shard_ids(u) for u in data.uris])
+    assert any(COPY_MARK in i for i in ids)  # the train shards hold copies...
+    fit, held = data.pick(False)(ids), data.pick(True)(ids)
+    assert not (fit & held).any() and all(COPY_MARK not in i for i in ids[fit | held])  # ...never read
+    assert (fit.sum(), held.sum()) == (data.images, data.held)
+    assert (fit | held).sum() == data.unlabelled + data.train
+    other = training.pretraining_data(p, 1)
+    assert not np.array_equal(other.pick(True)(ids), held)  # another seed, other images held out
+    seen = {}
+    for task in ("identity", "restore"):
+        train_ds, held_ds = training.pretrain_datasets(data, 4, task, 0)
+        batches = list(train_ds.as_numpy_iterator())
+        assert sum(len(x) for x, _ in batches) == data.images
+        assert sum(len(x) for x, _ in held_ds.as_numpy_iterator()) == data.held
+        seen[task] = max(float(np.abs(x - y).max()) for x, y in batches)
+    assert seen["identity"] == 0.0 and seen["restore"] > 0.5
+
+
+def test_pretraining_writes_to_a_storage_uri(variant, gcs_bucket, tmp_path):
+    """out_dir may be a gs:// URI (a multi-node job has no shared disk): the stage trains into a local
+    folder and uploads its files there."""
+    from neumo import storage
+
+    root, _ = variant
+    out = f"gs://{gcs_bucket}/backbones/64"
+    info = stages.pretrain(variant_dir=str(root / "p"), out_dir=out, depth=2, filters=4, pretrain_task="none")
+    names = sorted(storage.relative(u, out) for u in storage.list_files(out))
+    assert names == ["autoencoder.keras", "pretrain.json"]
+    assert json.loads(storage.read_text(storage.join(out, "pretrain.json"))) == json.loads(json.dumps(info))
+
+
+def test_the_held_out_rule_keeps_one_and_never_all():
+    none_low = np.array([2**63, 2**63 + 5, 2**64 - 1], np.uint64)  # no hash in the lowest tenth
+    assert (none_low < training.held_out_cutoff(none_low)).sum() == 1
+    all_low = np.array([1, 2, 3], np.uint64)  # every hash in it
+    assert (all_low < training.held_out_cutoff(all_low)).sum() == 2
+    many = training.image_hashes([f"img{i}" for i in range(2000)], 0)
+    assert 150 < (many < training.held_out_cutoff(many)).sum() < 250  # about a tenth
+    assert np.array_equal(many, training.image_hashes([f"img{i}" for i in range(2000)], 0))
 
 
 def test_corruption_keeps_shape_and_changes_the_input():

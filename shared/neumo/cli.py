@@ -4,6 +4,8 @@
     neumo train-mask-model --manifest work/manifest --out work/mask_model
     neumo mask --manifest work/manifest --mask-model work/mask_model --out work/masks
     neumo preprocess --manifest work/manifest --masks work/masks --pixels 256 --mask --out work/p256m
+    neumo preprocess ... --part 1 --parts 3 --out work/p256m-1   # one of 3 parts (mask too), joined by:
+    neumo preprocess-gather --out work/p256m work/p256m-0 work/p256m-1 work/p256m-2   # (mask-gather)
     neumo pretrain --data work/p256m --out work/bb256m
     neumo catalog --variant work/p256m work/bb256m --out work/catalog.json
     neumo suggest --search-space space.json --history work/history.jsonl --out work/configs.json
@@ -72,13 +74,21 @@ def _train_mask_model(a):
 
 
 def _mask(a):
-    return _stages().mask(manifest_dir=a.manifest, model_dir=a.mask_model, out_dir=a.out)
+    return _stages().mask(manifest_dir=a.manifest, model_dir=a.mask_model, out_dir=a.out, part=a.part, parts=a.parts)
+
+
+def _mask_gather(a):
+    return _stages().mask_gather(parts=a.parts, manifest_dir=a.manifest, out_dir=a.out)
 
 
 def _preprocess(a):
     s = _stages()
     return s.preprocess(manifest_dir=a.manifest, variant={"pixels": a.pixels, "mask": a.mask}, out_dir=a.out,
-                        masks_dir=a.masks, workers=a.workers, **_declared(a, s.preprocess))
+                        masks_dir=a.masks, workers=a.workers, part=a.part, parts=a.parts, **_declared(a, s.preprocess))
+
+
+def _preprocess_gather(a):
+    return _stages().preprocess_gather(parts=a.parts, out_dir=a.out)
 
 
 def _pretrain(a):
@@ -226,6 +236,13 @@ def _add_declared(s: argparse.ArgumentParser, func, values: dict) -> None:
                            **choices)
 
 
+def _add_part(s: argparse.ArgumentParser, gather: str) -> None:
+    """--part K --parts N: run one part of a stage split across pods (`neumo GATHER` joins them)."""
+    s.add_argument("--part", type=int, default=0, help="this part's number, 0..N-1 (with --parts)")
+    s.add_argument("--parts", type=int, default=1, help=f"split the stage into this many parts; `neumo {gather}` "
+                   "joins them (default: 1, the whole stage)")
+
+
 def build_parser(values: dict | None = None) -> argparse.ArgumentParser:
     """The command line; `values`: the parameter values its options default to (the declared ones)."""
     from neumo import stages
@@ -258,7 +275,13 @@ def build_parser(values: dict | None = None) -> argparse.ArgumentParser:
     s = stage("mask", _mask, "lung masks for every image, QA and a contact sheet")
     s.add_argument("--manifest", required=True)
     s.add_argument("--mask-model", required=True, help="output folder of train-mask-model")
+    _add_part(s, "mask-gather")
     s.add_argument("--out", required=True)
+
+    s = stage("mask-gather", _mask_gather, "the mask stage's output from its parts (mask --part K --parts N)")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("parts", nargs="+", metavar="PART", help="the parts' output folders, in order 0..N-1")
 
     s = stage("preprocess", _preprocess, "the seed's preprocessing for one (pixels, mask) variant", stages.preprocess)
     s.add_argument("--manifest", required=True)
@@ -266,7 +289,12 @@ def build_parser(values: dict | None = None) -> argparse.ArgumentParser:
     s.add_argument("--pixels", type=int, required=True)
     s.add_argument("--mask", action="store_true")
     s.add_argument("--workers", type=int, default=0, help="decoding processes (0: one per core)")
+    _add_part(s, "preprocess-gather")
     s.add_argument("--out", required=True)
+
+    s = stage("preprocess-gather", _preprocess_gather, "a variant's folder from its parts (preprocess --part K --parts N)")
+    s.add_argument("--out", required=True)
+    s.add_argument("parts", nargs="+", metavar="PART", help="the parts' output folders, in order 0..N-1")
 
     s = stage("pretrain", _pretrain, "pretrain the U-Net autoencoder (restoration task) on a variant", stages.pretrain)
     s.add_argument("--data", required=True)

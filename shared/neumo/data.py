@@ -18,6 +18,7 @@ Shards are plain uncompressed .npz files, written byte-for-byte reproducibly.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -87,6 +88,13 @@ def parse_shard(data: bytes) -> Fold:
 
 def read_shard(uri: str) -> Fold:
     return parse_shard(storage.read_bytes(uri))
+
+
+def shard_ids(uri: str) -> np.ndarray:
+    """The ids of one shard, without its images: np.load reads .npz members on demand, and
+    storage.open_read fetches a remote object by ranges, so only the ids member is read."""
+    with storage.open_read(uri) as f, np.load(f, allow_pickle=False) as z:
+        return z["ids"]
 
 
 def read_variant(uri: str) -> dict:
@@ -241,10 +249,12 @@ def make_dataset(
     return _batches(ds, batch_size, augmentation, seed, targets_as_images)
 
 
-def _read_arrays(uri) -> tuple[np.ndarray, np.ndarray]:
-    """tf.numpy_function body: shard uri (bytes) -> (uint8 (N, p, p, 1), float32 (N, 1))."""
+def _read_arrays(uri, select=None) -> tuple[np.ndarray, np.ndarray]:
+    """tf.numpy_function body: shard uri (bytes) -> (uint8 (N, p, p, 1), float32 (N, 1)), only the
+    images whose ids `select` (ids -> boolean mask) keeps when given."""
     shard = read_shard(uri.decode() if isinstance(uri, bytes) else str(uri))
-    return shard.images[..., None], shard.targets.astype(np.float32)[:, None]
+    keep = slice(None) if select is None else np.asarray(select(shard.ids), bool)
+    return shard.images[keep][..., None], shard.targets[keep].astype(np.float32)[:, None]
 
 
 def stream_dataset(
@@ -269,23 +279,49 @@ def stream_dataset(
     `cache_bytes` is kept in memory after the first epoch. `class_weights` ({0: w0, 1: w1})
     appends a per-image weight to each batch, as ``sample_weights`` does in make_dataset.
     """
-    import tensorflow as tf
-
     info = read_variant(variant_uri)
     uris = shard_uris(variant_uri, fold, info)
-    p = int(info["pixels"])
-    n = int(info.get("counts", {}).get(fold, 0))
     if not uris:
         raise ValueError(f"fold {fold!r} of {variant_uri} has no shards")
+    return stream_shards(uris, int(info["pixels"]), int(info.get("counts", {}).get(fold, 0)), batch_size,
+                         augmentation, shuffle, seed, class_weights, targets_as_images, cache_bytes, readers,
+                         shuffle_bytes)
+
+
+def stream_shards(
+    uris: list[str],
+    pixels: int,
+    count: int,
+    batch_size: int = 8,
+    augmentation: str = "none",
+    shuffle: bool = False,
+    seed: int = 0,
+    class_weights: dict | None = None,
+    targets_as_images: bool = False,
+    cache_bytes: int = CACHE_BYTES,
+    readers: int = READERS,
+    shuffle_bytes: int = SHUFFLE_BYTES,
+    select=None,
+):
+    """:func:`stream_dataset` over given shards of `pixels` px images: `count` images in all (after
+    `select`), which sizes the cache and the shuffle buffer. `select` (ids -> boolean mask, a
+    picklable callable) keeps only some images of each shard as it is read, so memory stays a few
+    shards plus the shuffle buffer (and the cache, only when `count` images fit in `cache_bytes`)."""
+    import tensorflow as tf
+
+    p, n = int(pixels), int(count)
+    if not uris:
+        raise ValueError("stream_shards needs at least one shard uri")
     if readers < 1 or batch_size < 1:
         raise ValueError(f"readers and batch_size must be >= 1, got {readers} and {batch_size}")
     cached = n * p * p <= cache_bytes
-    files = tf.data.Dataset.from_tensor_slices(uris)
+    files = tf.data.Dataset.from_tensor_slices(list(uris))
     if shuffle and not cached:
         files = files.shuffle(len(uris), seed=seed, reshuffle_each_iteration=True)
+    body = _read_arrays if select is None else functools.partial(_read_arrays, select=select)
 
     def read(uri):
-        images, targets = tf.numpy_function(_read_arrays, [uri], (tf.uint8, tf.float32), stateful=False)
+        images, targets = tf.numpy_function(body, [uri], (tf.uint8, tf.float32), stateful=False)
         images.set_shape((None, p, p, 1))
         targets.set_shape((None, 1))
         return images, targets

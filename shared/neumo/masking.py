@@ -11,7 +11,7 @@ import cv2
 import keras
 import numpy as np
 
-from neumo import imaging, ingest, models, parameters, storage
+from neumo import distribute, imaging, ingest, models, parameters, storage
 from neumo.fitting import fit, set_seed
 
 logger = logging.getLogger(__name__)
@@ -90,12 +90,19 @@ def train(rows: list[dict], config: MaskModelConfig, out_dir: str) -> tuple[kera
     xv, yv = _pairs(held, config.pixels)
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=config.seed).batch(config.batch_size)
-    vds = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(config.batch_size)
-    model = models.build_unet(config.pixels, config.depth, config.filters, "sigmoid", name="lung_mask")
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=bce_dice)
-    curve, seconds = fit(model, ds, vds, config.epochs, "val_loss", "min", 3, out_dir, "mask model")
-    model.save(os.path.join(out_dir, "lung_mask.keras"))
+    strategy = distribute.strategy()
+    batch = distribute.global_batch(config.batch_size, strategy)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=config.seed).batch(batch)
+    vds = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(batch)
+    with distribute.scope(strategy):  # every GPU of the node (tf.distribute), when there are several
+        model = models.build_unet(config.pixels, config.depth, config.filters, "sigmoid", name="lung_mask",
+                                  synchronized=strategy is not None)
+        model.compile(optimizer=keras.optimizers.Adam(distribute.learning_rate(config.learning_rate, strategy)),
+                      loss=bce_dice)
+        distribute.prepare(model, strategy)
+    curve, seconds = fit(model, distribute.shardable(ds, strategy), distribute.shardable(vds, strategy),
+                         config.epochs, "val_loss", "min", 3, out_dir, "mask model")
+    distribute.unsynchronized(model, strategy).save(os.path.join(out_dir, "lung_mask.keras"))
     scores = [dice_iou(*_mask_vs_truth(model, r, config.pixels)) for r in held]
     result = {
         "dice": float(np.mean([s[0] for s in scores])), "iou": float(np.mean([s[1] for s in scores])),

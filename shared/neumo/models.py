@@ -36,27 +36,28 @@ def check_pixels(pixels: int, depth: int) -> None:
         raise ValueError(f"pixels must be a positive multiple of 2**depth={factor}, got {pixels!r}")
 
 
-def conv_block(x, filters: int, name: str):
-    """Two 3x3 convolutions, each followed by batch normalisation and ReLU."""
+def conv_block(x, filters: int, name: str, synchronized: bool = False):
+    """Two 3x3 convolutions, each followed by batch normalisation and ReLU. `synchronized`: the
+    batch statistics are those of the global batch, across replicas (training under tf.distribute)."""
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}_raw")(x)
-        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
+        x = layers.BatchNormalization(momentum=0.9, synchronized=synchronized, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_conv{i}")(x)
     return x
 
 
-def down_block(x, filters: int, name: str):
+def down_block(x, filters: int, name: str, synchronized: bool = False):
     """conv_block, then 2x2 max-pool; returns (pooled, features before pooling)."""
-    features = conv_block(x, filters, name)
+    features = conv_block(x, filters, name, synchronized)
     return layers.MaxPooling2D(2, name=f"{name}_pool")(features), features
 
 
-def up_block(x, skip, filters: int, name: str):
+def up_block(x, skip, filters: int, name: str, synchronized: bool = False):
     """2x transposed-conv upsampling, concatenation with the skip (if any), conv_block."""
     x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"{name}_up")(x)
     if skip is not None:
         x = layers.Concatenate(name=f"{name}_concat")([x, skip])
-    return conv_block(x, filters, name)
+    return conv_block(x, filters, name, synchronized)
 
 
 def build_unet(
@@ -66,6 +67,7 @@ def build_unet(
     output: str = "linear",
     skip_levels: int = 0,
     name: str = "unet",
+    synchronized: bool = False,
 ) -> keras.Model:
     """U-Net on (pixels, pixels, 1) inputs.
 
@@ -73,6 +75,8 @@ def build_unet(
     `skip_levels` drops the skip connections of the shallowest levels (1 = the top one), so a
     pretraining task cannot copy the image through them and leave the deep encoder untrained.
     Encoder blocks are `enc1` .. `enc{depth}` (filters doubling), then `bottleneck`.
+    `synchronized`: batch normalisation over the global batch of a tf.distribute strategy (False:
+    the plain model; the layer configurations differ only in this flag).
     """
     check_pixels(pixels, depth)
     if output not in ("linear", "sigmoid"):
@@ -82,12 +86,12 @@ def build_unet(
     inputs = keras.Input((pixels, pixels, 1), name="image")
     x, skips = inputs, []
     for level in range(1, depth + 1):
-        x, features = down_block(x, filters * 2 ** (level - 1), f"enc{level}")
+        x, features = down_block(x, filters * 2 ** (level - 1), f"enc{level}", synchronized)
         skips.append(features)
-    x = conv_block(x, filters * 2**depth, "bottleneck")
+    x = conv_block(x, filters * 2**depth, "bottleneck", synchronized)
     for level in range(depth, 0, -1):
         skip = skips[level - 1] if level > skip_levels else None
-        x = up_block(x, skip, filters * 2 ** (level - 1), f"dec{level}")
+        x = up_block(x, skip, filters * 2 ** (level - 1), f"dec{level}", synchronized)
     outputs = layers.Conv2D(1, 1, activation=output, name="output", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -95,6 +99,25 @@ def build_unet(
 def unet_depth(model: keras.Model) -> int:
     """The depth of a U-Net built by build_unet, read from its layer names."""
     return sum(1 for layer in model.layers if layer.name.endswith("_pool") and layer.name.startswith("enc"))
+
+
+def rebuild(model: keras.Model, recast: bool = False, synchronized: bool | None = None) -> keras.Model:
+    """A copy of a (loaded) model with the same weights, its layers (nested models' too) rebuilt:
+    `recast` drops each layer's stored dtype so it follows the current global dtype policy (a saved
+    model keeps the float32 policy it was saved with); `synchronized` (when not None) sets whether its
+    batch normalisations are synchronized across the replicas of a tf.distribute strategy (build a
+    synchronized copy in the strategy's scope)."""
+    def clone(layer):
+        config = layer.get_config()
+        if recast:
+            config.pop("dtype", None)
+        if synchronized is not None and isinstance(layer, layers.BatchNormalization):
+            config["synchronized"] = synchronized
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def build_backbone(unet: keras.Model) -> keras.Model:

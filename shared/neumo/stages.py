@@ -24,6 +24,8 @@ D = parameters.defaults()  # each stage's defaults are the declared ones
 MANIFEST = "manifest.csv"
 #: Images decoded and masked per step of the mask stage (bounded memory at full resolution).
 MASK_CHUNK = 32
+#: The record a mask part writes beside its masks (mask with parts > 1).
+MASK_PART_RECORD = "mask-part.json"
 
 
 def _write_json(path: str, obj) -> None:
@@ -177,26 +179,43 @@ def mask_model(*, manifest_dir: str, out_dir: str, mask_model_uri: str = D["mask
     return info
 
 
-def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24, model_uri: str = "") -> dict:
+def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 24, model_uri: str = "",
+         part: int = 0, parts: int = 1) -> dict:
     """Lung masks for every image at its original size, per-image QA and a contact sheet of
     `sheet_size` images sampled across folds and classes. masks.json records the model's file as
     other stages reach it (under `model_uri`, model_dir's URI; default model_dir), so a masked
-    variant's model bundle can carry it."""
+    variant's model bundle can carry it.
+
+    With parts > 1, only part `part` of the manifest's rows (contiguous, in manifest order, as
+    even as can be) is masked into out_dir with its QA rows in a part record (MASK_PART_RECORD,
+    returned): mask_gather writes the stage's output from the parts, identical to one pod's."""
     import cv2
 
     from neumo import imaging, masking
-    from neumo.preprocess import mask_path
+    from neumo.preprocess import check_part, mask_path
 
+    check_part(part, parts)
     info = _read_json(os.path.join(model_dir, "mask_model.json"))
-    qa_rows = []
-    if info["source"] == "none":
+    if info["source"] == "none" and parts == 1:
         _write_json(os.path.join(out_dir, "masks.json"), {"available": False, "reason": info["reason"]})
         return {"available": False}
+    model_info = None if info["source"] == "none" else {
+        **{k: info[k] for k in ("source", "dice", "iou", "pixels") if k in info},
+        "uri": storage.join(model_uri or model_dir, info["file"])}
+    rows = load_manifest(manifest_dir)
+    if parts > 1:
+        record = {"part": part, "parts": parts, "key": _mask_key(rows, model_info, sheet_size),
+                  "sheet_size": sheet_size, "mask_model": model_info, "reason": info.get("reason", ""),
+                  "qa": [], "files": []}
+        rows = rows[part * len(rows) // parts:(part + 1) * len(rows) // parts]
+        if model_info is None:
+            _write_json(storage.join(out_dir, MASK_PART_RECORD), record)
+            return {"available": False, "part": part, "parts": parts}
     model = masking.load(os.path.join(model_dir, info["file"]))
     pixels = masking.model_pixels(model)
-    rows = load_manifest(manifest_dir)
-    picked = {r["id"]: i for i, r in enumerate(masking.sheet_rows(rows, sheet_size))}
-    sheet = {part: [None] * len(picked) for part in ("images", "masks", "titles")}
+    picked = {} if parts > 1 else {r["id"]: i for i, r in enumerate(masking.sheet_rows(rows, sheet_size))}
+    sheet = {kind: [None] * len(picked) for kind in ("images", "masks", "titles")}
+    qa_rows = []
     for lo in range(0, len(rows), MASK_CHUNK):
         chunk = rows[lo:lo + MASK_CHUNK]
         images = [imaging.decode(listing.read_verified(r), check_damage=False) for r in chunk]  # as ingest saw them
@@ -206,30 +225,82 @@ def mask(*, manifest_dir: str, model_dir: str, out_dir: str, sheet_size: int = 2
             qa_rows.append({"id": r["id"], "lung_fraction": round(qa["lung_fraction"], 4),
                             "components": qa["components"], "flags": ";".join(qa["flags"])})
             if r["id"] in picked:
-                title = f"{r['label'] or 'unlabelled'} / {r['fold']}\n{r['id'].rsplit('/', 1)[-1]}"
-                for part, v in zip(sheet, (image, m, title)):
-                    sheet[part][picked[r["id"]]] = v
+                for kind, v in zip(sheet, (image, m, _sheet_title(r))):
+                    sheet[kind][picked[r["id"]]] = v
         logger.info("mask: %d/%d images", lo + len(chunk), len(rows))
+    if parts > 1:
+        record.update(qa=qa_rows, files=[storage.relative(mask_path(out_dir, r["id"]), out_dir) for r in rows])
+        _write_json(storage.join(out_dir, MASK_PART_RECORD), record)
+        return {"available": True, "part": part, "parts": parts, "images": len(qa_rows)}
+    return _mask_outputs(out_dir, qa_rows, sheet, model_info)
+
+
+def _sheet_title(row: dict) -> str:
+    """A contact-sheet tile's title: class / fold, then the file name."""
+    return f"{row['label'] or 'unlabelled'} / {row['fold']}\n{row['id'].rsplit('/', 1)[-1]}"
+
+
+def _mask_key(rows: list[dict], model_info: dict | None, sheet_size: int) -> str:
+    """A digest of what the mask stage's output depends on (every row, the model, the sheet's size):
+    the parts of one run share it, a part of another manifest or model does not."""
+    h = hashlib.sha256(json.dumps([model_info, sheet_size], sort_keys=True, default=str).encode())
+    for r in rows:
+        h.update(json.dumps([r["id"], r["uri"], r.get("checksum"), r["fold"], r["label"]], default=str).encode())
+    return h.hexdigest()
+
+
+def _mask_outputs(out_dir: str, qa_rows: list[dict], sheet: dict, model_info: dict) -> dict:
+    """qa.csv, contact_sheet.png (when it has images), then masks.json, last: the mask stage's
+    record, returned."""
+    import cv2
+
+    from neumo import masking
+
     storage.write_bytes(os.path.join(out_dir, "qa.csv"),
                         listing.csv_bytes(qa_rows, ["id", "lung_fraction", "components", "flags"]))
-    if picked:
+    if sheet["images"]:
         cv2.imwrite(os.path.join(out_dir, "contact_sheet.png"), masking.contact_sheet(**sheet))
     flagged = sum(1 for q in qa_rows if q["flags"])
     summary = {"available": True, "images": len(qa_rows), "flagged": flagged,
                "mean_lung_fraction": float(np.mean([q["lung_fraction"] for q in qa_rows])) if qa_rows else 0.0,
-               "mask_model": {**{k: info[k] for k in ("source", "dice", "iou", "pixels") if k in info},
-                              "uri": storage.join(model_uri or model_dir, info["file"])}}
+               "mask_model": model_info}
     _write_json(os.path.join(out_dir, "masks.json"), summary)
     return summary
+
+
+def mask_gather(*, parts: list[str], manifest_dir: str, out_dir: str) -> dict:
+    """The mask stage's output one pod would have written, from the folders of its parts (in
+    order): every mask copied to its path under out_dir, qa.csv in manifest order, the contact
+    sheet (its images read again, its masks from the copies), masks.json last."""
+    from neumo import imaging, masking
+    from neumo.preprocess import copy_files, mask_path, read_parts
+
+    records = read_parts(parts, MASK_PART_RECORD, "mask")
+    first = records[0]
+    rows = load_manifest(manifest_dir)
+    if _mask_key(rows, first["mask_model"], first["sheet_size"]) != first["key"]:
+        raise ValueError(f"mask gather: the parts were made from another manifest than {manifest_dir}")
+    if first["mask_model"] is None:
+        _write_json(os.path.join(out_dir, "masks.json"), {"available": False, "reason": first["reason"]})
+        return {"available": False}
+    copy_files([(storage.join(uri, f), storage.join(out_dir, f)) for uri, r in zip(parts, records)
+                for f in r["files"]])
+    picks = masking.sheet_rows(rows, first["sheet_size"])
+    sheet = {"images": [imaging.decode(listing.read_verified(r), check_damage=False) for r in picks],
+             "masks": [imaging.read_grey(storage.read_bytes(mask_path(out_dir, r["id"]))) > 127 for r in picks],
+             "titles": [_sheet_title(r) for r in picks]}
+    logger.info("mask gather: %d masks of %d parts in %s", len(rows), len(records), out_dir)
+    return _mask_outputs(out_dir, [q for r in records for q in r["qa"]], sheet, first["mask_model"])
 
 
 # --- preprocess, pretrain, catalog ----------------------------------------------------------
 
 def preprocess(*, manifest_dir: str, variant: dict, out_dir: str, masks_dir: str = "",
                clahe_clip: float = D["clahe_clip"], acquisition_copies: int = D["acquisition_copies"],
-               acquisition: str = D["acquisition"], workers: int = 0) -> dict:
+               acquisition: str = D["acquisition"], workers: int = 0, part: int = 0, parts: int = 1) -> dict:
     """Prepare one (pixels, mask) variant of every manifest image as uint8 shards per fold.
-    `workers`: decoding processes (0 = one per core)."""
+    `workers`: decoding processes (0 = one per core). With parts > 1, only part `part` of the
+    variant's shards and a part record (returned), for preprocess_gather."""
     from neumo.preprocess import PreprocessConfig, prepare_variant
 
     config = PreprocessConfig(pixels=_as_int(variant["pixels"]), mask=bool(variant["mask"]), clahe_clip=clahe_clip,
@@ -239,7 +310,21 @@ def preprocess(*, manifest_dir: str, variant: dict, out_dir: str, masks_dir: str
         raise ValueError("a masked variant was asked for, but the mask stage produced no masks")
     summary = _read_json(storage.join(manifest_dir, "summary.json"))
     return prepare_variant(load_manifest(manifest_dir), config, out_dir, masks_dir if config.mask else "",
-                           summary["data_version"], masks.get("mask_model"))
+                           summary["data_version"], masks.get("mask_model"), part=_as_int(part), parts=_as_int(parts))
+
+
+def preprocess_parts(*, variant: dict, parts: int) -> list[dict]:
+    """The items of one variant's preprocess loop: {"variant", "part", "parts"} for each part. Each
+    item carries its variant: kfp.local hands a loop nested in the variant loop the inner item
+    where the outer one is asked for."""
+    return [{"variant": variant, "part": k, "parts": parts} for k in range(_as_int(parts))]
+
+
+def preprocess_gather(*, parts: list[str], out_dir: str) -> dict:
+    """The variant folder one pod would have written, from its parts' folders (in order)."""
+    from neumo.preprocess import gather_variant
+
+    return gather_variant(parts, out_dir)
 
 
 def _as_int(value) -> int:
@@ -252,24 +337,32 @@ def pretrain(*, variant_dir: str, out_dir: str, pretrain_epochs: int = D["pretra
              pretrain_data: str = D["pretrain_data"]) -> dict:
     """Pretrain the U-Net autoencoder (`pretrain_task`) on the variant's unlabelled images and, by
     `pretrain_data`, its train fold (labels unused; never the valid, val or test images, which
-    judge the classifiers). pretrain.json records what was done, for every trial's CSV row."""
-    from neumo import figures, training
+    judge the classifiers). pretrain.json records what was done, for every trial's CSV row.
 
+    The images are read from the shards as a stream (memory stays flat at any scale). Every GPU of
+    the node trains, and with TF_CONFIG every node of a multi-worker job (neumo.distribute); then
+    `out_dir` may be a gs:// or file:// URI: only the chief writes there (uploaded from a local
+    folder), the other workers train alongside and keep nothing."""
+    from neumo import distribute, figures, training
+
+    strategy = distribute.strategy()  # first: a multi-worker strategy must exist before any TensorFlow op
     config = training.PretrainConfig(epochs=pretrain_epochs, filters=filters, depth=depth, seed=seed,
                                      task=pretrain_task, data=pretrain_data)
-    info, fit, held, source = training.pretraining_data(variant_dir, seed, pretrain_data)
-    _, curve, seconds = training.pretrain(fit, held, int(info["pixels"]), config, out_dir)
-    if curve["loss"]:
-        figures.curve_png({k: curve[k] for k in ("loss", "val_loss") if k in curve},
-                          os.path.join(out_dir, "loss_curve.png"), f"pretraining ({pretrain_task}), {info['pixels']} "
-                          f"px, mask={info['mask']}", ylabel="reconstruction loss (MSE)")
-    result = {"pixels": int(info["pixels"]), "mask": bool(info["mask"]), "task": pretrain_task, "data": pretrain_data,
-              "images": len(fit), "source": source, "epochs": len(curve["loss"]),
-              "data_version": info.get("data_version", ""),
-              "final_loss": float(curve["loss"][-1]) if curve["loss"] else None,
-              "best_val_loss": float(min(curve["val_loss"])) if curve["val_loss"] else None,
-              "seconds": round(seconds, 1), "config": {**config.__dict__, "skip_levels": config.skip_levels}}
-    _write_json(os.path.join(out_dir, "pretrain.json"), result)
+    data = training.pretraining_data(variant_dir, seed, pretrain_data)
+    info = data.info
+    with distribute.output_dir(out_dir) as local:
+        _, curve, seconds = training.pretrain(data, config, local, strategy)
+        if curve["loss"]:
+            figures.curve_png({k: curve[k] for k in ("loss", "val_loss") if k in curve},
+                              os.path.join(local, "loss_curve.png"), f"pretraining ({pretrain_task}), "
+                              f"{info['pixels']} px, mask={info['mask']}", ylabel="reconstruction loss (MSE)")
+        result = {"pixels": int(info["pixels"]), "mask": bool(info["mask"]), "task": pretrain_task,
+                  "data": pretrain_data, "images": data.images, "source": data.source, "epochs": len(curve["loss"]),
+                  "data_version": info.get("data_version", ""),
+                  "final_loss": float(curve["loss"][-1]) if curve["loss"] else None,
+                  "best_val_loss": float(min(curve["val_loss"])) if curve["val_loss"] else None,
+                  "seconds": round(seconds, 1), "config": {**config.__dict__, "skip_levels": config.skip_levels}}
+        _write_json(os.path.join(local, "pretrain.json"), result)
     return result
 
 

@@ -20,6 +20,7 @@ import stat
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO
 from urllib.parse import quote, unquote, urlsplit
 
 import requests
@@ -195,6 +196,23 @@ def read_bytes(uri: str) -> bytes:
     _, bucket, key = _gs(uri)
     with _gcs_errors(uri):
         return _blob(bucket, key).download_as_bytes(retry=RETRY)
+
+
+#: What a seekable remote read fetches per request (open_read): a zip's directory and one small member.
+RANGE_BYTES = 256 * 1024
+
+
+@contextlib.contextmanager
+def open_read(uri: str) -> Iterator[IO[bytes]]:
+    """A seekable binary file over ``uri``: a local file, or an object read by ranged requests of
+    RANGE_BYTES, so reading one member of a large .npz fetches that member, not the object."""
+    if not is_gcs(uri):
+        with open(local_path(uri), "rb") as f:
+            yield f
+        return
+    _, bucket, key = _gs(uri)
+    with _gcs_errors(uri), _blob(bucket, key).open("rb", chunk_size=RANGE_BYTES, retry=RETRY) as f:
+        yield f
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -467,6 +485,23 @@ def upload(local_path: str, uri: str) -> None:
     logger.info("uploading %s (%d bytes) to %s", src, size, uri)
     with _gcs_errors(uri):
         _blob(bucket, key, size).upload_from_filename(src, content_type=content_type, retry=RETRY)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy the file or object ``src`` to ``dst`` atomically: within GCS a server-side copy (no bytes
+    through this pod, which matters when a gather moves a whole variant), local files by file copy,
+    across the two by download or upload."""
+    if is_gcs(src) and is_gcs(dst):
+        _, bucket, key = _gs(src)
+        _, to_bucket, to_key = _gs(dst)
+        client = _client()
+        with _gcs_errors(src):
+            client.bucket(bucket).copy_blob(client.bucket(bucket).blob(key), client.bucket(to_bucket), to_key,
+                                            retry=RETRY)
+    elif is_gcs(src):
+        download(src, dst)
+    else:
+        upload(src, dst)
 
 
 def delete(uri: str) -> None:

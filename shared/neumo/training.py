@@ -6,6 +6,7 @@ Both train with :func:`neumo.fitting.fit`: seeded, one log line per epoch, the b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -14,7 +15,7 @@ import keras
 import numpy as np
 
 from neumo import data as nd
-from neumo import evaluation, models, parameters, shifts
+from neumo import distribute, evaluation, models, parameters, shifts
 from neumo.fitting import fit, set_seed
 from neumo.trial import TrialConfig
 
@@ -87,60 +88,142 @@ def corrupt_tf(x, seed: int):
 #: One image in this many is held out of pretraining to watch the validation loss (early stopping):
 #: enough to see overfitting, little taken from the images the backbone learns from.
 PRETRAIN_HELD_OUT = 10
+_HASH_RANGE = 2**64
 
 
-def pretraining_data(variant_dir: str, seed: int, data: str = parameters.default("pretrain_data")
-                     ) -> tuple[dict, nd.Fold, nd.Fold, str]:
+def image_hashes(ids, seed: int) -> np.ndarray:
+    """A uint64 per image id, fixed by (seed, id) alone: the held-out rule reads it image by image."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{int(seed)}:{i}".encode(), digest_size=8).digest(), "big")
+                     for i in ids], np.uint64)
+
+
+def held_out_cutoff(hashes: np.ndarray) -> int:
+    """The hash below which an image is held out: about one in PRETRAIN_HELD_OUT of them, at least one
+    (the smallest hash) and never all (the largest stays in the fit) when there are two or more."""
+    cutoff = _HASH_RANGE // PRETRAIN_HELD_OUT
+    if len(hashes) and not (hashes < cutoff).any():
+        cutoff = int(hashes.min()) + 1
+    if len(hashes) > 1 and (hashes < cutoff).all():
+        cutoff = int(hashes.max())
+    return cutoff
+
+
+@dataclass(frozen=True)
+class PretrainPick:
+    """The shard reader's per-image rule (picklable, for tf.numpy_function): the originals (no
+    acquisition copy) whose hash of (seed, id) is below `cutoff` when `held`, at or above it when not."""
+
+    seed: int
+    cutoff: int
+    held: bool
+
+    def __call__(self, ids) -> np.ndarray:
+        from neumo.preprocess import COPY_MARK
+
+        original = np.array([COPY_MARK not in str(i) for i in ids], bool)
+        return original & ((image_hashes(ids, self.seed) < self.cutoff) == self.held)
+
+
+@dataclass(frozen=True)
+class PretrainData:
+    """What a backbone pretrains on, as shards read in a stream (never the whole set in memory):
+    `uris`, the unlabelled shards and (pretrain_data "unlabelled+train") the train shards; `unlabelled`
+    and `train` count the images used (train: its originals), `held` those held out for the validation
+    loss by the rule `cutoff` and `seed` define (PretrainPick)."""
+
+    info: dict
+    uris: tuple[str, ...]
+    unlabelled: int
+    train: int
+    held: int
+    cutoff: int
+    seed: int
+
+    @property
+    def pixels(self) -> int:
+        return int(self.info["pixels"])
+
+    @property
+    def images(self) -> int:
+        """Images the autoencoder trains on (the held-out ones excluded)."""
+        return self.unlabelled + self.train - self.held
+
+    @property
+    def source(self) -> str:
+        return f"{self.unlabelled} unlabelled + {self.train} train"
+
+    def pick(self, held: bool) -> PretrainPick:
+        return PretrainPick(self.seed, self.cutoff, held)
+
+
+def pretraining_data(variant_dir: str, seed: int, data: str = parameters.default("pretrain_data")) -> PretrainData:
     """What a backbone pretrains on: the variant's unlabelled images and, when `data` is
     "unlabelled+train", the originals of its train fold (labels unused; acquisition copies are for
-    classifiers; valid, val and test judge the classifiers), shuffled by `seed` with a tenth (at
-    least one) held out for the validation loss.
-
-    Returns (the variant's variant.json, fit fold, held-out fold, "N unlabelled + M train")."""
+    classifiers; valid, val and test judge the classifiers), about one in PRETRAIN_HELD_OUT (at least
+    one) held out for the validation loss by a hash of (seed, id). Reads only the shards' ids."""
     from neumo.preprocess import COPY_MARK
 
-    info = nd.read_variant(variant_dir)
     if data not in PRETRAIN_DATA:
         raise ValueError(f"pretrain_data must be one of {PRETRAIN_DATA}, got {data!r}")
-    folds = [nd.load_fold(variant_dir, f) for f in ("unlabelled", "train")]
-    originals = np.array([COPY_MARK not in str(i) and data == "unlabelled+train" for i in folds[1].ids], bool)
-    folds[1] = nd.Fold(folds[1].images[originals], folds[1].targets[originals], folds[1].ids[originals])
-    images = nd.Fold(*(np.concatenate([getattr(f, k) for f in folds]) for k in ("images", "targets", "ids")))
-    source = f"{len(folds[0])} unlabelled + {len(folds[1])} train"
-    if len(images) < 2:
-        raise ValueError(f"pretraining needs at least 2 images; variant {variant_dir} has {len(images)} ({source}, "
-                         f"pretrain_data={data}): give a pretrain_uri with unlabelled images")
-    order = np.random.default_rng(seed).permutation(len(images))
-    images = nd.Fold(images.images[order], images.targets[order], images.ids[order])
-    n_valid = max(1, len(images) // PRETRAIN_HELD_OUT)
-    fit_fold = nd.Fold(images.images[n_valid:], images.targets[n_valid:], images.ids[n_valid:])
-    held = nd.Fold(images.images[:n_valid], images.targets[:n_valid], images.ids[:n_valid])
-    return info, fit_fold, held, source
+    info = nd.read_variant(variant_dir)
+    folds = ("unlabelled", "train") if data == "unlabelled+train" else ("unlabelled",)
+    counts, uris, hashes = {"unlabelled": 0, "train": 0}, [], []
+    for fold in folds:
+        for uri in nd.shard_uris(variant_dir, fold, info):
+            ids = [i for i in nd.shard_ids(uri) if COPY_MARK not in str(i)]
+            counts[fold] += len(ids)
+            hashes.append(image_hashes(ids, seed))
+            uris.append(uri)
+    source = f"{counts['unlabelled']} unlabelled + {counts['train']} train"
+    if sum(counts.values()) < 2:
+        raise ValueError(f"pretraining needs at least 2 images; variant {variant_dir} has {sum(counts.values())} "
+                         f"({source}, pretrain_data={data}): give a pretrain_uri with unlabelled images")
+    hashes = np.concatenate(hashes)
+    cutoff = held_out_cutoff(hashes)
+    return PretrainData(info, tuple(uris), counts["unlabelled"], counts["train"], int((hashes < cutoff).sum()),
+                        cutoff, int(seed))
 
 
-def pretrain(fold: nd.Fold, valid: nd.Fold, pixels: int, config: PretrainConfig, out_dir: str):
-    """Train the U-Net autoencoder on unlabelled images by `config.task`; save `autoencoder.keras`
-    in out_dir. Returns (model, curve dict, seconds); task "none" saves the seeded random
-    initialisation untrained (an empty curve)."""
-    if len(fold) == 0:
+def pretrain_datasets(data: PretrainData, batch_size: int, task: str, seed: int, cache_bytes: int = nd.CACHE_BYTES,
+                      shuffle_bytes: int = nd.SHUFFLE_BYTES, strategy=None):
+    """(training, held-out) tf.data of (input, clean z-scored image) batches streamed from the shards:
+    the input corrupted (corrupt_tf) for task "restore", the image itself for "identity". `batch_size`
+    is per replica of `strategy`."""
+    def pairs(held: bool):
+        count = data.held if held else data.images
+        ds = nd.stream_shards(list(data.uris), data.pixels, count, distribute.global_batch(batch_size, strategy),
+                              shuffle=not held, seed=seed, targets_as_images=True, cache_bytes=cache_bytes,
+                              shuffle_bytes=shuffle_bytes, select=data.pick(held))
+        if task == "restore":
+            ds = ds.map(lambda x, y: (corrupt_tf(x, seed), y))  # one call at a time: the draws keep their order
+        return distribute.shardable(ds, strategy)
+
+    return pairs(False), pairs(True)
+
+
+def pretrain(data: PretrainData, config: PretrainConfig, out_dir: str, strategy=None):
+    """Train the U-Net autoencoder on the streamed images of `data` by `config.task`; save
+    `autoencoder.keras` in out_dir. Returns (model, curve dict, seconds); task "none" saves the seeded
+    random initialisation untrained (an empty curve). Under a tf.distribute `strategy` the model is
+    built in its scope with synchronized batch norms, each step trains on config.batch_size per
+    replica at the learning rate distribute.learning_rate scales."""
+    if data.images == 0:
         raise ValueError("pretraining needs at least one unlabelled image")
     set_seed(config.seed)
-    unet = models.build_unet(pixels, config.depth, config.filters, "linear", config.skip_levels, name="autoencoder")
+    with distribute.scope(strategy):
+        unet = models.build_unet(data.pixels, config.depth, config.filters, "linear", config.skip_levels,
+                                 name="autoencoder", synchronized=strategy is not None)
+        if config.task != "none":
+            unet.compile(optimizer=keras.optimizers.Adam(distribute.learning_rate(config.learning_rate, strategy)),
+                         loss="mse")
+            distribute.prepare(unet, strategy)
     curve, seconds = {"loss": [], "val_loss": []}, 0.0
     if config.task != "none":
-        unet.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
-
-        def pairs(f, shuffle):
-            ds = nd.make_dataset(f, config.batch_size, shuffle=shuffle, seed=config.seed, targets_as_images=True)
-            if config.task == "restore":
-                ds = ds.map(lambda x, y: (corrupt_tf(x, config.seed), y))
-            return ds
-
-        valid = valid if len(valid) else fold
-        curve, seconds = fit(unet, pairs(fold, True), pairs(valid, False), config.epochs, "val_loss", "min",
-                             max(2, config.epochs // 3), out_dir, "pretrain")
+        train, held = pretrain_datasets(data, config.batch_size, config.task, config.seed, strategy=strategy)
+        curve, seconds = fit(unet, train, held, config.epochs, "val_loss", "min", max(2, config.epochs // 3),
+                             out_dir, "pretrain")
     os.makedirs(out_dir, exist_ok=True)
-    unet.save(os.path.join(out_dir, "autoencoder.keras"))
+    distribute.unsynchronized(unet, strategy).save(os.path.join(out_dir, "autoencoder.keras"))
     return unet, curve, seconds
 
 
@@ -174,19 +257,6 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 def resolve_precision(precision: str) -> str:
     """"auto" -> mixed_float16 where a GPU is present, else float32 (mixed is slower on CPUs)."""
     return nd.default_precision() if precision == "auto" else precision
-
-
-def _recast(model: keras.Model) -> keras.Model:
-    """A copy of a loaded model whose layers follow the current global dtype policy (a saved
-    model keeps the float32 policy it was saved with), with the same weights."""
-    def clone(layer):
-        config = layer.get_config()
-        config.pop("dtype", None)
-        return layer.__class__.from_config(config)
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 def loss_function(name: str):
@@ -287,6 +357,28 @@ class SelectionScore(keras.callbacks.Callback):
             logs["val_shift_score"] = chosen.shift["shift_score"]
 
 
+def _classifier(cfg: TrialConfig, settings: TrainSettings, backbone_path: str, strategy) -> keras.Model:
+    """The trial's compiled classifier on the pretrained backbone, in `settings.precision`; under a
+    tf.distribute strategy built in its scope, batch norms synchronized, the learning rate scaled
+    for the global batch (distribute.learning_rate)."""
+    policy = resolve_precision(settings.precision)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        with distribute.scope(strategy):
+            unet = keras.saving.load_model(backbone_path, compile=False, safe_mode=True)
+            if policy != "float32" or strategy is not None:
+                unet = models.rebuild(unet, recast=policy != "float32", synchronized=True if strategy is not None else None)
+            backbone = models.build_backbone(unet)
+            models.freeze(backbone, cfg.frozen_layers, settings.frozen_layers_count)
+            clf = models.build_classifier(backbone, cfg.model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    with distribute.scope(strategy):
+        clf.compile(optimizer=keras.optimizers.Adam(distribute.learning_rate(cfg.learning_rate, strategy)),
+                    loss=loss_function(cfg.loss), metrics=["accuracy", keras.metrics.AUC(name="auc")])
+    return distribute.prepare(clf, strategy)
+
+
 def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, backbone_path: str, out_dir: str,
                 checkpoint_uri: str = "") -> TrialResult:
     """Train one classifier on the prepared variant; save `model.keras` + `model.json` in out_dir.
@@ -312,21 +404,14 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
         raise ValueError(f"variant {variant_uri} has no shifted valid copies (prepared by an older neumo), which "
                          "selection=shift and threshold_policy=pooled_shifts need: prepare it again, or set "
                          "selection=auc")
-    policy = resolve_precision(settings.precision)
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        unet = keras.saving.load_model(backbone_path, compile=False, safe_mode=True)
-        backbone = models.build_backbone(unet if policy == "float32" else _recast(unet))
-        models.freeze(backbone, cfg.frozen_layers, settings.frozen_layers_count)
-        clf = models.build_classifier(backbone, cfg.model)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    clf.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss_function(cfg.loss),
-                metrics=["accuracy", keras.metrics.AUC(name="auc")])
+    strategy = distribute.strategy()
+    clf = _classifier(cfg, settings, backbone_path, strategy)
     weighted = cfg.class_weight or cfg.loss == "weighted_bce"
-    train_ds = nd.stream_dataset(variant_uri, "train", settings.batch_size, cfg.augmentation, True, settings.seed,
+    batch = distribute.global_batch(settings.batch_size, strategy)
+    train_ds = nd.stream_dataset(variant_uri, "train", batch, cfg.augmentation, True, settings.seed,
                                  class_weights=nd.class_weights(targets) if weighted else None)
-    valid_ds = nd.stream_dataset(variant_uri, "valid", settings.batch_size)
+    valid_ds = nd.stream_dataset(variant_uri, "valid", batch)
+    train_ds, valid_ds = distribute.shardable(train_ds, strategy), distribute.shardable(valid_ds, strategy)
     monitor = "val_shift_score" if settings.selection == "shift" else "val_auc"
     extra = [SelectionScore(valid, shifted, settings.threshold_policy, settings.batch_size)] if shifted else []
     curve, seconds = fit(clf, train_ds, valid_ds, settings.epochs, monitor, "max", settings.patience, out_dir, "trial",
@@ -339,7 +424,7 @@ def train_trial(cfg: TrialConfig, settings: TrainSettings, variant_uri: str, bac
     chosen = Selection.of(valid.targets, probs, {n: (f.targets, predict(clf, f, settings.batch_size))
                                                  for n, f in shifted.items()}, settings.threshold_policy)
     metrics = chosen.metrics
-    clf.save(os.path.join(out_dir, "model.keras"))
+    distribute.unsynchronized(clf, strategy).save(os.path.join(out_dir, "model.keras"))
     temperature = evaluation.fit_temperature(valid.targets, probs)
     result = TrialResult(
         config=asdict(cfg), epochs=len(curve["loss"]), best_epoch=best + 1,
