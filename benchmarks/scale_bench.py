@@ -11,7 +11,8 @@ to show the streaming path at a size where the defaults would hold the whole fol
 Pretraining = the stage itself, `neumo.stages.pretrain(pretrain_epochs=1, filters=8, depth=3)` on the
 same variant (its train fold's images, the default pretrain_data), timed around the call: model
 build, one epoch, the held-out tenth's validation loss, saving. Its fixed costs (tracing, saving)
-weigh most at 1x, so read ms/image at 4x and 16x; peak RSS should stay flat if it streams its shards.
+weigh most at 1x, so read ms/image at 4x and 16x; peak RSS should stay flat if it streams its shards
+(also run with cache off and a 4 MB shuffle buffer; a library from before streaming ignores them).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ if task == "preprocess":
     preprocess.prepare_variant(arg["rows"], preprocess.PreprocessConfig(acquisition_copies=0, pixels=arg["pixels"], workers=1,
                    shard_bytes=arg["shard_bytes"]), arg["out"])
 elif task == "pretrain":
+    # the streaming path at a size where the defaults would cache the whole set (as "stream" below):
+    # no cache, a 4 MB shuffle buffer; set before neumo.training binds them as its defaults
+    nd.CACHE_BYTES, nd.SHUFFLE_BYTES = 0, 2**22
     from neumo import stages
     start = time.perf_counter()
     stages.pretrain(variant_dir=arg["variant"], out_dir=arg["out"], pretrain_epochs=1, filters=8, depth=3)
