@@ -106,12 +106,12 @@ NOT_FOR_COMPILING = ("tensorflow", "keras", "cv2", "numpy", "pandas", "skimage",
                      "matplotlib", "pydicom")
 
 
-def compile_with_only_kfp(pipeline: Path, out: Path) -> None:
-    """`pipeline --compile out` in a fresh interpreter where NOT_FOR_COMPILING (and google.cloud)
-    cannot be imported; fails the test with its stderr if it does not compile."""
+def compile_with_only_kfp(pipeline: Path, out: Path, args: tuple[str, ...] = (), blocked: tuple[str, ...] = ()) -> None:
+    """`pipeline --compile out ARGS` in a fresh interpreter where NOT_FOR_COMPILING, `blocked` (and
+    google.cloud) cannot be imported; fails the test with its stderr if it does not compile."""
     script = textwrap.dedent(f"""
         import sys, runpy
-        BLOCKED = {NOT_FOR_COMPILING!r}
+        BLOCKED = {NOT_FOR_COMPILING + tuple(blocked)!r}
         ALLOWED_NEUMO = ("neumo", "neumo.parameters", "neumo.trial")
         class Block:
             def find_spec(self, name, path=None, target=None):
@@ -119,8 +119,21 @@ def compile_with_only_kfp(pipeline: Path, out: Path) -> None:
                 if top in BLOCKED or name.startswith("google.cloud") or (top == "neumo" and name not in ALLOWED_NEUMO):
                     raise ImportError("blocked for this test: " + name)
         sys.meta_path.insert(0, Block())
-        sys.argv = [{pipeline.name!r}, "--compile", {str(out)!r}]
+        sys.argv = [{pipeline.name!r}, "--compile", {str(out)!r}, *{list(args)!r}]
         runpy.run_path({str(pipeline)!r}, run_name="__main__")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def lung_mask_stand_in(path: str, pixels: int = 32) -> None:
+    """A stand-in lung-mask model, made rather than trained (seconds saved): its lungs are the
+    darker parts of the image (a 1x1 convolution, sigmoid(8 - 20 x) on x in [0, 1])."""
+    import keras
+    import numpy as np
+
+    image = keras.Input((pixels, pixels, 1))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name="dark")
+    model = keras.Model(image, conv(image), name="lung_mask")
+    conv.set_weights([np.full((1, 1, 1, 1), -20.0, np.float32), np.full((1,), 8.0, np.float32)])
+    model.save(path)

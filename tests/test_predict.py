@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from neumo import bundle, cli, imaging, ingest, predict, stages, storage, synthetic
-from tests.conftest import REPO_ROOT, compile_with_only_kfp
+from tests.conftest import REPO_ROOT, compile_with_only_kfp, lung_mask_stand_in
 
 TRIAL = {"pixels": 64, "model": 2, "frozen_layers": 0, "learning_rate": 3e-3, "loss": "bce", "augmentation": "none",
          "class_weight": False}
@@ -38,16 +38,6 @@ def _dicom(grey: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _lung_mask_model(path: str, pixels: int = 32) -> None:
-    """A stand-in lung-mask model, made rather than trained (seconds saved): its lungs are the
-    darker parts of the image (a 1x1 convolution, sigmoid(8 - 20 x) on x in [0, 1])."""
-    import keras
-
-    image = keras.Input((pixels, pixels, 1))
-    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name="dark")
-    model = keras.Model(image, conv(image), name="lung_mask")
-    conv.set_weights([np.full((1, 1, 1, 1), -20.0, np.float32), np.full((1,), 8.0, np.float32)])
-    model.save(path)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +53,7 @@ def kept(tmp_path_factory):
     synthetic.write_kaggle(w["data"], {"train": (8, 8), "test": (2, 2)}, size=64, seed=3, masks_uri=w["masks"])
     synthetic.write_nih(w["nih"], 4, size=64, seed=4)
     stages.ingest(dataset_uri=w["data"], masks_uri=w["masks"], pretrain_uri=w["nih"], out_dir=w["m"])
-    _lung_mask_model(str(work / "made.keras"))
+    lung_mask_stand_in(str(work / "made.keras"))
     stages.mask_model(manifest_dir=w["m"], out_dir=w["mm"], mask_model_uri=str(work / "made.keras"))
     stages.mask(manifest_dir=w["m"], model_dir=w["mm"], out_dir=w["lungs"], sheet_size=0)
     variants = []

@@ -7,12 +7,12 @@ import json
 import os
 from typing import List
 
-import numpy as np
 import pytest
 from kfp import dsl
 from kfp.dsl import Dataset, Input
 
 from neumo import preprocess, stages, synthetic
+from tests.conftest import lung_mask_stand_in
 from tests.test_pipeline import _compile, _tasks
 from tests.test_preprocess import _write_set
 
@@ -146,15 +146,6 @@ def test_the_split_is_contiguous_balanced_and_the_same_everywhere():
 
 # --- masks: the stage in parts and its gather -----------------------------------------------------
 
-def _lung_mask_model(path: str, pixels: int = 32) -> None:
-    """A made stand-in lung-mask model (no training): its lungs are the image's darker parts."""
-    import keras
-
-    image = keras.Input((pixels, pixels, 1))
-    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name="dark")
-    model = keras.Model(image, conv(image), name="lung_mask")
-    conv.set_weights([np.full((1, 1, 1, 1), -20.0, np.float32), np.full((1,), 8.0, np.float32)])
-    model.save(path)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +158,7 @@ def dataset(tmp_path_factory):
     synthetic.write_kaggle(w["other_data"], {"train": (5, 5), "test": (2, 2)}, size=64, seed=4)
     stages.ingest(dataset_uri=w["data"], masks_uri=w["masks"], out_dir=w["manifest"])
     stages.ingest(dataset_uri=w["other_data"], out_dir=w["other"])
-    _lung_mask_model(str(work / "made.keras"))
+    lung_mask_stand_in(str(work / "made.keras"))
     stages.mask_model(manifest_dir=w["manifest"], out_dir=w["model"], mask_model_uri=str(work / "made.keras"))
     return work, w
 

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import types
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +28,7 @@ from components.pretrain_job import component as job_component
 from neumo import cli, parameters, trainjob
 from pipelines import full
 from pipelines.placement import Placement
-from tests.conftest import NOT_FOR_COMPILING, REPO_ROOT
+from tests.conftest import REPO_ROOT, compile_with_only_kfp
 
 RUNTIME_YAML = REPO_ROOT / "manifests" / "overlays" / "trainer-runtime" / "clustertrainingruntime.yaml"
 VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
@@ -453,22 +452,9 @@ def test_one_node_keeps_the_pretrain_step(tmp_path):
 
 
 def test_the_distributed_variant_compiles_with_only_kfp(tmp_path):
-    """Like tests/conftest.py's compile_with_only_kfp, with --set pretrain_nodes=2: the Trainer's
-    models and every neumo module but the parameters stay out of a compile."""
+    """compile_with_only_kfp with --set pretrain_nodes=2: the Trainer's models and every neumo
+    module but the parameters stay out of a compile."""
     out = tmp_path / "p.yaml"
-    script = textwrap.dedent(f"""
-        import sys, runpy
-        BLOCKED = {NOT_FOR_COMPILING + ("kubeflow_trainer_api",)!r}
-        ALLOWED_NEUMO = ("neumo", "neumo.parameters", "neumo.trial")
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                top = name.split(".")[0]
-                if top in BLOCKED or name.startswith("google.cloud") or (top == "neumo" and name not in ALLOWED_NEUMO):
-                    raise ImportError("blocked for this test: " + name)
-        sys.meta_path.insert(0, Block())
-        sys.argv = ["full.py", "--compile", {str(out)!r}, "--set", "pretrain_nodes=2", "--gpu-limit", "4"]
-        runpy.run_path({str(REPO_ROOT / "pipelines" / "full.py")!r}, run_name="__main__")
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
+    compile_with_only_kfp(REPO_ROOT / "pipelines" / "full.py", out, ("--set", "pretrain_nodes=2", "--gpu-limit", "4"),
+                          blocked=("kubeflow_trainer_api",))
     assert "pretrain-job" in out.read_text()
