@@ -229,7 +229,10 @@ def main(factory, *, name: str, doc: str, argv=None, single: bool = False, kind:
     graph = {p.name: values[p.name] for p in own if p.graph}
     values = {p.name: values[p.name] for p in own if not p.graph}
     images = resolve_images(args.registry, args.image_tag)
-    pipeline = factory(**graph, values=values, placement=placement, images=images, name=name)
+    try:
+        pipeline = factory(**graph, values=values, placement=placement, images=images, name=name)
+    except ValueError as err:  # a graph parameter out of range (rounds, preprocess_shards, ...)
+        raise SystemExit(f"{name}: {err}") from None
     # the local runner takes the parameters as arguments; the compiled YAML has them as defaults
     if args.compile is not None or remote:
         compile_to(pipeline, args.compile or "", name, images, remote, args, {k: given[k] for k in given if k in values})

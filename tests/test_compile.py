@@ -39,6 +39,9 @@ def test_overrides_are_checked_and_baked_into_the_yaml(tmp_path):
     (["--set", 'search_space={"loss": ["hinge"]}'], "loss"),
     (["--set", 'config={"pixels": 64}'], "lacks"),
     (["--preset", "nope"], "invalid choice"),
+    (["--set", "preprocess_shards=0"], "preprocess_shards must be an integer >= 1"),
+    (["--set", "pretrain_nodes=-1"], "pretrain_nodes must be an integer >= 1"),
+    (["--set", "rounds=0"], "rounds must be an integer >= 1"),
 ])
 def test_a_bad_value_fails_the_compile_with_its_name(tmp_path, argv, match, capsys):
     with pytest.raises(SystemExit) as raised:
